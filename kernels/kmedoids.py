@@ -1,0 +1,522 @@
+"""Exact cosine K-medoids without an N x N matrix.
+
+For unit vectors the cosine distance is ``d(i, j) = 1 - x_i . x_j``, so the total distance from ``x_i`` to the
+other members of its cluster C is ``(|C| - 1) - (x_i . S_C - |x_i|^2)`` with ``S_C`` the sum of the members. The
+medoid of C (the member with the smallest total distance) is therefore found from inner products with the cluster
+sums: O(N K d) per iteration, like k-means, instead of the O(N^2) of a precomputed distance matrix.
+
+The iteration is the alternating ("Voronoi") K-medoids of scikit-learn-extra's ``method="alternate"``, which the
+released RaVL code uses: assign every point to the nearest medoid, move every medoid to the member with the smallest
+total distance, stop when no medoid moves. Ties go to the lowest index in both steps, and an empty cluster keeps its
+medoid, as in the reference.
+
+Two strategies compute the same iteration:
+
+- ``cached`` (default when it fits the memory budget): [K, N] tables of similarities to the medoids and of
+  ``G = S @ X.T``. After an update only the rows of medoids that moved, and of clusters whose members changed, are
+  recomputed, and the final ``G`` gives the silhouette for free. Many fits (the K sweep) run in lockstep so they
+  share every tensor op.
+- ``search``: no [K, N] table; each iteration assigns by top-1 search through a :mod:`kernels.backends` backend
+  (Faiss when asked or on GPU) and scores medoids in row blocks. For N x K too large to cache.
+
+``clip=True`` reproduces the released code's distance ``clip(1 - x_i . x_j, 0, 1)``. The sum identity does not hold
+for the clipped distance, so that variant sums distances over blocks of pairs: O(N^2 d) time, O(block N) memory.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kernels.backends import DEFAULT_BLOCK_SIZE, ClusterBackend, TorchBackend
+from kernels.segment import segment_argmax
+from kernels.silhouette import (
+    cosine_silhouette,
+    pairwise_distance_sums,
+    silhouette_from_gram,
+    silhouette_from_sums,
+    silhouette_is_defined,
+)
+
+STRATEGIES = ("auto", "cached", "search")
+
+
+@dataclass(frozen=True, slots=True)
+class KMedoidsResult:
+    """One K-medoids fit.
+
+    Attributes:
+        medoids: [K] int64 row indices of the medoids.
+        labels: [N] int64 cluster of each row, in [0, K).
+        n_iter: iterations run.
+        converged: False when ``max_iter`` stopped the loop with medoids still moving.
+        objective: sum over rows of the cosine distance to their medoid (clipped when ``clip``).
+        silhouette: mean cosine silhouette of the result (NaN unless asked for, or when undefined).
+        stats: one dict per iteration: ``iter``, ``moved_medoids``, ``moved_points``.
+    """
+
+    medoids: Tensor
+    labels: Tensor
+    n_iter: int
+    converged: bool
+    objective: float
+    silhouette: float = math.nan
+    stats: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class SweepResult:
+    """The best fit of a K sweep and the silhouette of every K tried.
+
+    Attributes:
+        k: the chosen K (highest silhouette; the smallest K on ties).
+        fit: the K-medoids fit for ``k``.
+        silhouettes: K -> mean silhouette (NaN when undefined: fewer than 2 non-empty clusters).
+        stats: one dict per K: ``k``, ``silhouette``, ``n_iter``, ``converged``, ``objective``, ``seconds``.
+        strategy: "cached" or "search".
+    """
+
+    k: int
+    fit: KMedoidsResult
+    silhouettes: dict[int, float]
+    stats: list[dict[str, Any]]
+    strategy: str = "cached"
+
+
+def _distance(sims: Tensor, clip: bool) -> Tensor:
+    """Cosine distance from similarities, in float64; clipped to [0, 1] (released code) or floored at 0."""
+    d = 1.0 - sims.to(torch.float64)
+    return d.clamp(0.0, 1.0) if clip else d.clamp_min(0.0)
+
+
+def squared_norms(x: Tensor) -> Tensor:
+    """[N] float64 squared L2 norms of the rows of x."""
+    return torch.linalg.vector_norm(x, dim=1).to(torch.float64).square()
+
+
+def kmedoids_pp_init(
+    x: Tensor,
+    n_centers: int,
+    *,
+    generator: torch.Generator,
+    n_trials: int | None = None,
+    clip: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Greedy k-medoids++ seeding under cosine distance.
+
+    The first center is uniform; each further center is the best (lowest total squared distance) of ``n_trials``
+    candidates drawn with probability proportional to the squared distance to the nearest chosen center. The
+    sequence does not depend on how many centers are asked for, so the first K centers of one call are the init for
+    K: a K sweep draws once.
+
+    Args:
+        x: [N, D] float, L2-normalised rows.
+        n_centers: number of centers, 1 <= n_centers <= N.
+        generator: CPU ``torch.Generator``; all random draws come from it, in a fixed order.
+        n_trials: candidates per center; default ``2 + int(log(n_centers))`` (the usual greedy k-means++ rule).
+        clip: clip distances to [0, 1] as the released RaVL code does.
+
+    Returns:
+        (centers [n_centers] int64, sims [n_centers, N] dtype of x): the chosen rows and their inner products with
+        every row (the first K-medoids assignment reuses them).
+    """
+    n = x.shape[0]
+    if not 1 <= n_centers <= n:
+        raise ValueError(f"n_centers must be in [1, {n}], got {n_centers}")
+    trials = n_trials if n_trials is not None else 2 + int(math.log(n_centers))
+    centers = torch.empty(n_centers, dtype=torch.int64)
+    sims = torch.empty(n_centers, n, dtype=x.dtype, device=x.device)
+    is_center = torch.zeros(n, dtype=torch.bool)
+
+    first = int(torch.randint(n, (1,), generator=generator))
+    centers[0] = first
+    is_center[first] = True
+    sims[0] = x @ x[first]
+    closest = _distance(sims[0], clip).square()
+    for j in range(1, n_centers):
+        potential = float(closest.sum())
+        u = torch.rand(trials, generator=generator, dtype=torch.float64)
+        if potential > 0.0:
+            cumulative = torch.cumsum(closest, 0)
+            cand = torch.searchsorted(cumulative, (u * potential).to(cumulative.device)).clamp_(max=n - 1).cpu()
+        else:
+            # every row coincides with a center: take the lowest-index row not chosen yet
+            cand = (~is_center).nonzero()[:1, 0].repeat(trials)
+        cand_sims = x[cand.to(x.device)] @ x.T  # [trials, N]
+        new_closest = torch.minimum(closest, _distance(cand_sims, clip).square())
+        best = int(new_closest.sum(1).argmin())
+        centers[j] = int(cand[best])
+        is_center[int(cand[best])] = True
+        sims[j] = cand_sims[best]
+        closest = new_closest[best]
+    return centers, sims
+
+
+def _medoid_scores_blocked(
+    x: Tensor, labels: Tensor, sums: Tensor, sq_norms: Tensor, block_size: int
+) -> Tensor:
+    """x_i . S_{c_i} - |x_i|^2 for every row, float64, in row blocks (no [K, N] table)."""
+    out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    for start in range(0, x.shape[0], block_size):
+        stop = start + block_size
+        dots = (x[start:stop] @ sums.T).gather(1, labels[start:stop, None]).squeeze(1)
+        out[start:stop] = dots.to(torch.float64) - sq_norms[start:stop]
+    return out
+
+
+def fit_kmedoids_batch(
+    x: Tensor,
+    inits: Sequence[Tensor],
+    *,
+    max_iter: int = 300,
+    clip: bool = False,
+    init_sims: Tensor | None = None,
+    sq_norms: Tensor | None = None,
+    with_silhouette: bool = False,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> list[KMedoidsResult]:
+    """Several independent alternating K-medoids fits of the same rows, run in lockstep ("cached" strategy).
+
+    Fit f has ``len(inits[f])`` clusters. All fits share every matmul and every tensor op, so F small fits cost
+    about as much dispatch overhead as one; each fit's result is exactly what it would be alone. Clusters are laid
+    out as F blocks of ``k_max`` slots (unused slots are never assigned). Memory: two [F * k_max, N] tables.
+
+    Args:
+        x: [N, D] float, L2-normalised rows (float64 gives results equal to a float64 dense reference).
+        inits: F tensors of distinct row indices, the initial medoids of each fit.
+        max_iter: iteration cap per fit (the reference's default is 300).
+        clip: use the released code's clipped distance (O(N^2 d) medoid updates).
+        init_sims: optional [>= max K, N] inner products of ``inits[f]`` with every row when every init is a
+            prefix of the same sequence (the K sweep's case); saves the first similarity pass.
+        sq_norms: optional [N] float64 squared row norms.
+        with_silhouette: also compute each final clustering's cosine silhouette (free for the unclipped
+            distance: it reuses the cluster sums of the last iteration).
+        block_size: rows per block for the clipped pairwise sums.
+
+    Returns:
+        One KMedoidsResult per init, in order.
+    """
+    n, dev = x.shape[0], x.device
+    ks = [int(t.numel()) for t in inits]
+    n_fits, k_max = len(ks), max(ks)
+    n_slots = n_fits * k_max
+    sq_norms = squared_norms(x) if sq_norms is None else sq_norms
+    fit_of_slot = torch.arange(n_slots, device=dev) // k_max
+    real = torch.arange(k_max, device=dev)[None, :] < torch.tensor(ks, device=dev)[:, None]  # [F, k_max]
+    offsets = (torch.arange(n_fits, device=dev) * k_max)[:, None]
+
+    medoids = torch.full((n_slots,), -1, dtype=torch.int64, device=dev)
+    for f, init in enumerate(inits):
+        medoids[f * k_max : f * k_max + ks[f]] = init.to(device=dev, dtype=torch.int64)
+    # similarity of every medoid slot to every row; unused slots hold -inf and never win
+    if init_sims is not None:
+        cache = init_sims[None, :k_max].expand(n_fits, k_max, n).reshape(n_slots, n)
+    else:
+        cache = x[medoids.clamp_min(0)] @ x.T
+    cache[~real.reshape(-1)] = float("-inf")
+
+    def assign() -> Tensor:
+        sims = cache.view(n_fits, k_max, n)
+        if clip:  # similarities below 0 all tie at distance 1; unused slots must stay below every real one
+            sims = sims.clamp(0.0, 1.0).masked_fill_(~real[:, :, None], -1.0)
+        # max returns the first maximal index: ties go to the lowest cluster, like the reference's argmin
+        return sims.max(dim=1).indices + offsets  # [F, N] global slots
+
+    slots = assign()
+    # G = S @ X.T per slot; unused slots' rows are never written and never read unmasked
+    gram = torch.empty(n_slots, n, dtype=x.dtype, device=dev) if not clip else None
+    changed = real.reshape(-1).nonzero().squeeze(1)  # slots whose member set changed since their medoid was chosen
+    n_iter = [max_iter] * n_fits
+    converged = [False] * n_fits
+    stats: list[list[dict[str, Any]]] = [[] for _ in range(n_fits)]
+    for it in range(1, max_iter + 1):
+        is_changed = torch.zeros(n_slots, dtype=torch.bool, device=dev)
+        is_changed[changed] = True
+        pos = is_changed[slots].reshape(-1).nonzero().squeeze(1)  # (fit, row) pairs; rows ascending per slot
+        row, own = pos % n, slots.reshape(-1)[pos]
+        if gram is not None:
+            _refresh_gram(x, slots, changed, gram, k_max=k_max)
+            # total distance to the own cluster is (|C| - 1) - (G[c, i] - |x_i|^2): maximise the bracket
+            score = gram[own, row].to(torch.float64) - sq_norms[row]
+        else:
+            rows = torch.unique(row)
+            sums = pairwise_distance_sums(
+                x, (slots - offsets).T, k_max, rows=rows, clip=True, block_size=block_size
+            )
+            score = -sums[torch.searchsorted(rows, row), own // k_max, own % k_max]
+        best = segment_argmax(score, own, n_slots)
+        new_medoids = torch.where(best >= 0, row[best.clamp_min(0)], medoids)  # an empty cluster keeps its medoid
+        moved = (new_medoids != medoids).nonzero().squeeze(1)
+        medoids = new_medoids
+        moved_per_fit = torch.bincount(fit_of_slot[moved], minlength=n_fits).tolist()
+        switched_per_fit = [0] * n_fits
+        if moved.numel():
+            cache[moved] = x[medoids[moved]] @ x.T
+            new_slots = assign()
+            switched = new_slots != slots
+            switched_per_fit = switched.sum(1).tolist()
+            # a cluster whose member set is unchanged keeps its medoid: same members, same sums, same argmin
+            changed = torch.unique(torch.cat([slots[switched], new_slots[switched]]))
+            slots = new_slots
+        else:
+            changed = changed[:0]
+        for f in range(n_fits):
+            if converged[f]:
+                continue
+            stats[f].append({"iter": it, "moved_medoids": moved_per_fit[f], "moved_points": switched_per_fit[f]})
+            if moved_per_fit[f] == 0:
+                converged[f], n_iter[f] = True, it
+        if all(converged):
+            break
+
+    counts = torch.bincount(slots.reshape(-1), minlength=n_slots).view(n_fits, k_max)
+    labels = slots - offsets  # [F, N]
+    silhouettes = [math.nan] * n_fits
+    if with_silhouette:
+        if gram is not None:
+            _refresh_gram(x, slots, changed, gram, k_max=k_max)  # only when max_iter cut a fit short
+            sil = silhouette_from_gram(gram.view(n_fits, k_max, n), labels, counts, sq_norms, block_size=block_size)
+        else:
+            sums = pairwise_distance_sums(x, labels.T, k_max, clip=True, block_size=block_size)
+            sil = silhouette_from_sums(sums, labels.T, counts).to(torch.float64).mean(0)
+            sil = torch.where(silhouette_is_defined(counts, n), sil, torch.full_like(sil, math.nan))
+        silhouettes = sil.tolist()
+
+    dist = _distance(cache.gather(0, slots), clip)  # [F, N]
+    for f in range(n_fits):
+        dist[f, medoids[f * k_max : f * k_max + ks[f]]] = 0.0  # a medoid is at distance 0 from itself
+    objectives = dist.sum(1).tolist()
+    return [
+        KMedoidsResult(
+            medoids=medoids[f * k_max : f * k_max + ks[f]].clone(),
+            labels=labels[f].clone(),
+            n_iter=n_iter[f],
+            converged=converged[f],
+            objective=objectives[f],
+            silhouette=silhouettes[f],
+            stats=stats[f],
+        )
+        for f in range(n_fits)
+    ]
+
+
+def _refresh_gram(x: Tensor, slots: Tensor, changed: Tensor, gram: Tensor, *, k_max: int) -> None:
+    """Recompute the member sums of the ``changed`` slots and their rows of G = S @ X.T, in place."""
+    if changed.numel() == 0:
+        return
+    sums = torch.zeros(gram.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+    for f in torch.unique(changed // k_max).tolist():
+        sums.index_add_(0, slots[f], x)
+    gram[changed] = sums[changed] @ x.T
+
+
+def fit_kmedoids(
+    x: Tensor,
+    init: Tensor,
+    *,
+    max_iter: int = 300,
+    clip: bool = False,
+    init_sims: Tensor | None = None,
+    sq_norms: Tensor | None = None,
+    with_silhouette: bool = False,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> KMedoidsResult:
+    """Alternating cosine K-medoids from given initial medoids (one fit of :func:`fit_kmedoids_batch`).
+
+    Args:
+        x: [N, D] float, L2-normalised rows.
+        init: [K] int64 distinct row indices, the initial medoids.
+        max_iter, clip, sq_norms, with_silhouette, block_size: as in :func:`fit_kmedoids_batch`.
+        init_sims: optional [K, N] inner products of the initial medoids with every row.
+
+    Returns:
+        KMedoidsResult.
+    """
+    return fit_kmedoids_batch(
+        x,
+        [init],
+        max_iter=max_iter,
+        clip=clip,
+        init_sims=init_sims,
+        sq_norms=sq_norms,
+        with_silhouette=with_silhouette,
+        block_size=block_size,
+    )[0]
+
+
+def fit_kmedoids_search(
+    x: Tensor,
+    init: Tensor,
+    *,
+    backend: ClusterBackend,
+    max_iter: int = 300,
+    sq_norms: Tensor | None = None,
+    with_silhouette: bool = False,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> KMedoidsResult:
+    """The same iteration as :func:`fit_kmedoids` without any [K, N] table ("search" strategy, unclipped only).
+
+    Each iteration assigns by top-1 search of the medoids (``backend``: Faiss IndexFlatIP or blocked matmul) and
+    scores members against the cluster sums in row blocks. O(N K d) time per iteration, O(N + K d) extra memory.
+    Ties between equidistant medoids follow the backend (the torch backend takes the lowest index, like the cached
+    strategy; Faiss does not promise an order).
+
+    Args:
+        x: [N, D] float, L2-normalised rows.
+        init: [K] int64 distinct row indices.
+        backend: top-1 search backend.
+        max_iter, sq_norms, with_silhouette, block_size: as in :func:`fit_kmedoids_batch`.
+
+    Returns:
+        KMedoidsResult.
+    """
+    k = int(init.numel())
+    sq_norms = squared_norms(x) if sq_norms is None else sq_norms
+    medoids = init.to(device=x.device, dtype=torch.int64).clone()
+    labels, sims = backend.assign(x, x[medoids])
+    stats: list[dict[str, Any]] = []
+    converged, n_iter = False, max_iter
+    for it in range(1, max_iter + 1):
+        sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
+        score = _medoid_scores_blocked(x, labels, sums, sq_norms, block_size)
+        best = segment_argmax(score, labels, k)
+        new_medoids = torch.where(best >= 0, best, medoids)
+        moved = int((new_medoids != medoids).sum())
+        medoids = new_medoids
+        switched = 0
+        if moved:
+            new_labels, sims = backend.assign(x, x[medoids])
+            switched = int((new_labels != labels).sum())
+            labels = new_labels
+        stats.append({"iter": it, "moved_medoids": moved, "moved_points": switched})
+        if moved == 0:
+            converged, n_iter = True, it
+            break
+    dist = _distance(sims, False)
+    dist[medoids] = 0.0
+    silhouette = (
+        cosine_silhouette(x, labels, k, block_size=block_size) if with_silhouette else math.nan
+    )
+    return KMedoidsResult(
+        medoids=medoids,
+        labels=labels,
+        n_iter=n_iter,
+        converged=converged,
+        objective=float(dist.sum()),
+        silhouette=silhouette,
+        stats=stats,
+    )
+
+
+def kmedoids_sweep(
+    x: Tensor,
+    ks: Sequence[int],
+    *,
+    generator: torch.Generator,
+    max_iter: int = 300,
+    clip: bool = False,
+    strategy: str = "auto",
+    backend: ClusterBackend | None = None,
+    n_trials: int | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    memory_budget: int = 1 << 30,
+    on_k: Callable[[dict[str, Any]], None] | None = None,
+) -> SweepResult:
+    """Fit K-medoids for every K in ``ks`` and keep the one with the best cosine silhouette.
+
+    One k-medoids++ draw of ``max(ks)`` centers serves every K (its first K centers), so the init and its first
+    similarity pass are paid once for the whole sweep. With the cached strategy the fits run in batches of as many K
+    as fit in ``memory_budget`` bytes of [K, N] tables (:func:`fit_kmedoids_batch`).
+
+    Args:
+        x: [N, D] float, L2-normalised rows.
+        ks: candidate K values, each in [2, N - 1].
+        generator: CPU generator for the seeding.
+        max_iter: iteration cap per K.
+        clip: the released code's clipped distance, for K-medoids and silhouette alike (cached strategy only).
+        strategy: "cached", "search", or "auto" (cached when two [max K, N] tables fit ``memory_budget``).
+        backend: top-1 search backend for the search strategy; default ``TorchBackend``.
+        n_trials: k-medoids++ candidates per center (default from ``max(ks)``).
+        block_size: rows per block.
+        memory_budget: bytes for the [K, N] tables of one batch of fits.
+        on_k: called after each K with its stats dict (progress reporting).
+
+    Returns:
+        SweepResult: the highest silhouette wins, the smallest K on ties; a NaN silhouette never wins unless all
+        are NaN (then the smallest K).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    ks = sorted(set(int(k) for k in ks))
+    n = x.shape[0]
+    if not ks or ks[0] < 2 or ks[-1] > n - 1:
+        raise ValueError(f"every K must be in [2, {n - 1}] for {n} rows; got {ks}")
+    per_k_bytes = 2 * n * ks[-1] * x.element_size()
+    if strategy == "auto":
+        strategy = "cached" if clip or per_k_bytes <= memory_budget else "search"
+    if strategy == "search" and clip:
+        raise ValueError("the clipped distance needs strategy 'cached'")
+    t0 = time.perf_counter()
+    centers, init_sims = kmedoids_pp_init(x, ks[-1], generator=generator, n_trials=n_trials, clip=clip)
+    sq_norms = squared_norms(x)
+    init_seconds = time.perf_counter() - t0
+
+    batch = max(1, min(len(ks), memory_budget // max(1, per_k_bytes))) if strategy == "cached" else 1
+    if strategy == "search":
+        del init_sims  # the search strategy keeps no [K, N] table
+    best: tuple[float, int, KMedoidsResult] | None = None
+    silhouettes: dict[int, float] = {}
+    stats: list[dict[str, Any]] = []
+    for start in range(0, len(ks), batch):
+        group = ks[start : start + batch]
+        t0 = time.perf_counter()
+        if strategy == "cached":
+            fits = fit_kmedoids_batch(
+                x,
+                [centers[:k] for k in group],
+                max_iter=max_iter,
+                clip=clip,
+                init_sims=init_sims,
+                sq_norms=sq_norms,
+                with_silhouette=True,
+                block_size=block_size,
+            )
+        else:
+            fits = [
+                fit_kmedoids_search(
+                    x,
+                    centers[:k],
+                    backend=backend or TorchBackend(block_size=block_size),
+                    max_iter=max_iter,
+                    sq_norms=sq_norms,
+                    with_silhouette=True,
+                    block_size=block_size,
+                )
+                for k in group
+            ]
+        seconds = (time.perf_counter() - t0 + (init_seconds if start == 0 else 0.0)) / len(group)
+        for k, fit in zip(group, fits, strict=True):
+            score = fit.silhouette
+            silhouettes[k] = score
+            entry = {
+                "k": k,
+                "silhouette": score,
+                "n_iter": fit.n_iter,
+                "converged": fit.converged,
+                "objective": fit.objective,
+                "seconds": seconds,
+            }
+            stats.append(entry)
+            if on_k is not None:
+                on_k(entry)
+            key = float("-inf") if math.isnan(score) else score
+            if best is None or key > best[0]:  # strict: the smallest K wins ties
+                best = (key, k, fit)
+    assert best is not None  # ks is non-empty
+    return SweepResult(k=best[1], fit=best[2], silhouettes=silhouettes, stats=stats, strategy=strategy)
