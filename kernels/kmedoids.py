@@ -8,7 +8,8 @@ sums: O(N K d) per iteration, like k-means, instead of the O(N^2) of a precomput
 The iteration is the alternating ("Voronoi") K-medoids of scikit-learn-extra's ``method="alternate"``, which the
 released RaVL code uses: assign every point to the nearest medoid, move every medoid to the member with the smallest
 total distance, stop when no medoid moves. Ties go to the lowest index in both steps, and an empty cluster keeps its
-medoid, as in the reference.
+medoid, as in the reference. Candidates whose scores differ by less than the rounding of their sums count as tied
+(:func:`tie_tolerance`), so sums that are equal in exact arithmetic break ties the same way as the reference.
 
 Two strategies compute the same iteration:
 
@@ -95,6 +96,15 @@ def _distance(sims: Tensor, clip: bool) -> Tensor:
     return d.clamp(0.0, 1.0) if clip else d.clamp_min(0.0)
 
 
+def tie_tolerance(x: Tensor, counts: Tensor) -> Tensor:
+    """Per-cluster slack under which two medoid candidates count as tied: rounding of sums of ``|C|`` inner
+    products in x's dtype (about ``4 sqrt(d) eps |C|``). Equal-in-exact-arithmetic sums (every two-member cluster
+    has one) then take the lowest index, like the dense reference.
+    """
+    eps = torch.finfo(x.dtype).eps
+    return 4.0 * math.sqrt(x.shape[1]) * eps * (counts.to(torch.float64) + 1.0)
+
+
 def squared_norms(x: Tensor) -> Tensor:
     """[N] float64 squared L2 norms of the rows of x."""
     return torch.linalg.vector_norm(x, dim=1).to(torch.float64).square()
@@ -158,9 +168,7 @@ def kmedoids_pp_init(
     return centers, sims
 
 
-def _medoid_scores_blocked(
-    x: Tensor, labels: Tensor, sums: Tensor, sq_norms: Tensor, block_size: int
-) -> Tensor:
+def _medoid_scores_blocked(x: Tensor, labels: Tensor, sums: Tensor, sq_norms: Tensor, block_size: int) -> Tensor:
     """x_i . S_{c_i} - |x_i|^2 for every row, float64, in row blocks (no [K, N] table)."""
     out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
     for start in range(0, x.shape[0], block_size):
@@ -246,18 +254,18 @@ def fit_kmedoids_batch(
             score = gram[own, row].to(torch.float64) - sq_norms[row]
         else:
             rows = torch.unique(row)
-            sums = pairwise_distance_sums(
-                x, (slots - offsets).T, k_max, rows=rows, clip=True, block_size=block_size
-            )
+            sums = pairwise_distance_sums(x, (slots - offsets).T, k_max, rows=rows, clip=True, block_size=block_size)
             score = -sums[torch.searchsorted(rows, row), own // k_max, own % k_max]
-        best = segment_argmax(score, own, n_slots)
-        new_medoids = torch.where(best >= 0, row[best.clamp_min(0)], medoids)  # an empty cluster keeps its medoid
+        counts = torch.bincount(own, minlength=n_slots)
+        best = segment_argmax(score, own, n_slots, tol=tie_tolerance(x, counts))
+        # an empty cluster keeps its medoid (and when every changed cluster emptied, there is no row at all)
+        new_medoids = torch.where(best >= 0, row[best.clamp_min(0)], medoids) if row.numel() else medoids
         moved = (new_medoids != medoids).nonzero().squeeze(1)
         medoids = new_medoids
         moved_per_fit = torch.bincount(fit_of_slot[moved], minlength=n_fits).tolist()
         switched_per_fit = [0] * n_fits
         if moved.numel():
-            cache[moved] = x[medoids[moved]] @ x.T
+            write_rows(cache, moved, x[medoids[moved]], x)
             new_slots = assign()
             switched = new_slots != slots
             switched_per_fit = switched.sum(1).tolist()
@@ -313,7 +321,14 @@ def _refresh_gram(x: Tensor, slots: Tensor, changed: Tensor, gram: Tensor, *, k_
     sums = torch.zeros(gram.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
     for f in torch.unique(changed // k_max).tolist():
         sums.index_add_(0, slots[f], x)
-    gram[changed] = sums[changed] @ x.T
+    write_rows(gram, changed, sums[changed], x)
+
+
+def write_rows(table: Tensor, rows: Tensor, left: Tensor, x: Tensor, *, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+    """``table[rows] = left @ x.T`` in blocks of columns, so no [len(rows), N] temporary is made."""
+    for start in range(0, x.shape[0], block_size):
+        stop = start + block_size
+        table[rows, start:stop] = left @ x[start:stop].T
 
 
 def fit_kmedoids(
@@ -385,7 +400,7 @@ def fit_kmedoids_search(
     for it in range(1, max_iter + 1):
         sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
         score = _medoid_scores_blocked(x, labels, sums, sq_norms, block_size)
-        best = segment_argmax(score, labels, k)
+        best = segment_argmax(score, labels, k, tol=tie_tolerance(x, torch.bincount(labels, minlength=k)))
         new_medoids = torch.where(best >= 0, best, medoids)
         moved = int((new_medoids != medoids).sum())
         medoids = new_medoids
@@ -400,9 +415,7 @@ def fit_kmedoids_search(
             break
     dist = _distance(sims, False)
     dist[medoids] = 0.0
-    silhouette = (
-        cosine_silhouette(x, labels, k, block_size=block_size) if with_silhouette else math.nan
-    )
+    silhouette = cosine_silhouette(x, labels, k, block_size=block_size) if with_silhouette else math.nan
     return KMedoidsResult(
         medoids=medoids,
         labels=labels,

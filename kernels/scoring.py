@@ -152,9 +152,7 @@ def score_clusters(
     )
 
 
-def select_clusters(
-    scores: ClusterScores, *, influence_threshold: float = 0.25, two_sign_rule: bool = True
-) -> Tensor:
+def select_clusters(scores: ClusterScores, *, influence_threshold: float = 0.25, two_sign_rule: bool = True) -> Tensor:
     """Clusters that pass the filter, ranked by G_c, descending (the lower cluster id first on ties).
 
     Kept: non-empty, H_c >= ``influence_threshold`` and, with ``two_sign_rule`` (released code), at least one class

@@ -159,9 +159,11 @@ def _as_float_matrix(name: str, value: Any, *, rows: int, rows_from: str, cols: 
         raise ConfigError(f"{name} has {t.shape[0]} rows but {rows_from} says {rows}")
     if cols is not None and t.shape[1] != cols:
         raise ConfigError(f"{name} has {t.shape[1]} columns but image_scores has {cols} classes")
-    bad = ~torch.isfinite(t).all(dim=1)
-    if bool(bad.any()):
-        raise ConfigError(f"{name} row {int(bad.nonzero()[0, 0])} contains NaN or inf; drop or fix that row")
+    for start in range(0, t.shape[0], 65536):  # in blocks: no [R, D] bool temporary
+        bad = ~torch.isfinite(t[start : start + 65536]).all(dim=1)
+        if bool(bad.any()):
+            row = start + int(bad.nonzero()[0, 0])
+            raise ConfigError(f"{name} row {row} contains NaN or inf; drop or fix that row")
     return t
 
 
@@ -201,9 +203,7 @@ def _validate(
     if bool((counts < 0).any()):
         raise ConfigError(f"num_regions must be >= 0; entry {int((counts < 0).nonzero()[0, 0])} is negative")
     n_regions = int(counts.sum())
-    x = _as_float_matrix(
-        "region_embeddings", region_embeddings, rows=n_regions, rows_from="sum(num_regions)"
-    )
+    x = _as_float_matrix("region_embeddings", region_embeddings, rows=n_regions, rows_from="sum(num_regions)")
     if x.shape[1] < 1:
         raise ConfigError("region_embeddings has 0 columns; pass [R, D] embeddings with D >= 1")
     img_scores = _as_float_matrix("image_scores", image_scores, rows=n_images, rows_from="len(num_regions)")

@@ -71,7 +71,7 @@ def planted_embeddings(
     n_background: int = 3,
     seed: int = 0,
     dtype: type = np.float32,
-    chunk_size: int = 262144,
+    chunk_size: int = 65536,
 ) -> PlantedSet:
     """Planted spurious-feature embeddings and scores.
 
@@ -110,15 +110,15 @@ def planted_embeddings(
     present = rng.random(n_images) < p_feature
 
     # region layout per image: slot 0 object, slot 1 feature (if present) else background, rest background
-    kind = np.full((n_images, regions_per_image), KIND_BACKGROUND, dtype=np.int8)
-    kind[:, 0] = KIND_OBJECT
-    kind[present, 1] = KIND_FEATURE
+    layout = np.full((n_images, regions_per_image), KIND_BACKGROUND, dtype=np.int8)
+    layout[:, 0] = KIND_OBJECT
+    layout[present, 1] = KIND_FEATURE
     # shuffle slots so the feature is not always the second region of its image
     order = np.argsort(rng.random((n_images, regions_per_image)), axis=1)
-    kind = np.take_along_axis(kind, order, axis=1).reshape(-1)
+    kind = np.take_along_axis(layout, order, axis=1).reshape(-1)
     r = kind.shape[0]
 
-    protos = _unit(rng, num_classes + 1 + n_background, dim)
+    protos = _unit(rng, num_classes + 1 + n_background, dim).astype(np.float32)
     proto_id = np.empty(r, dtype=np.int64)
     region_label = np.repeat(labels, regions_per_image)
     proto_id[kind == KIND_OBJECT] = region_label[kind == KIND_OBJECT]
@@ -126,12 +126,12 @@ def planted_embeddings(
     n_bg = int((kind == KIND_BACKGROUND).sum())
     proto_id[kind == KIND_BACKGROUND] = num_classes + 1 + rng.integers(0, n_background, n_bg)
 
-    emb = np.empty((r, dim), dtype=dtype)
+    emb: np.ndarray = np.empty((r, dim), dtype=dtype)
     for start in range(0, r, chunk_size):
         stop = min(r, start + chunk_size)
         block = rng.standard_normal((stop - start, dim), dtype=np.float32)
         block *= noise / np.sqrt(dim)
-        block += protos[proto_id[start:stop]].astype(np.float32)
+        block += protos[proto_id[start:stop]]
         block /= np.linalg.norm(block, axis=1, keepdims=True)
         emb[start:stop] = block
 

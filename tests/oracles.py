@@ -54,7 +54,8 @@ def dense_kmedoids(d: np.ndarray, init: list[int], *, max_iter: int = 300) -> tu
     """
     medoids = np.array(init, dtype=np.int64)
     n_iter = 0
-    for n_iter in range(1, max_iter + 1):
+    for it in range(1, max_iter + 1):
+        n_iter = it
         old = medoids.copy()
         labels = np.argmin(d[medoids], axis=0)
         for k in range(len(medoids)):

@@ -1,0 +1,1 @@
+"""Region proposer plugins (filled by the embedding engine)."""

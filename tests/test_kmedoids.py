@@ -1,0 +1,214 @@
+"""Cosine K-medoids kernels against the dense float64 oracle."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels.backends import FaissBackend, TorchBackend, faiss_available
+from kernels.kmedoids import (
+    fit_kmedoids,
+    fit_kmedoids_batch,
+    fit_kmedoids_search,
+    kmedoids_pp_init,
+    kmedoids_sweep,
+)
+from tests.conftest import clustered_rows, unit_rows
+from tests.oracles import dense_distance, dense_kmedoids, dense_kpp_init
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pp_init_matches_dense_oracle(clip, seed):
+    x = unit_rows(300, 6, seed=seed)
+    centers, sims = kmedoids_pp_init(x, 12, generator=torch.Generator().manual_seed(seed), n_trials=4, clip=clip)
+    expected = dense_kpp_init(dense_distance(x.numpy(), clip=clip), 12, torch.Generator().manual_seed(seed), 4)
+    assert centers.tolist() == expected
+    assert len(set(expected)) == 12
+    torch.testing.assert_close(sims, x[centers] @ x.T)
+
+
+def test_pp_init_is_a_prefix_sequence():
+    x = unit_rows(200, 5, seed=4)
+    long, _ = kmedoids_pp_init(x, 15, generator=torch.Generator().manual_seed(9), n_trials=3)
+    short, _ = kmedoids_pp_init(x, 6, generator=torch.Generator().manual_seed(9), n_trials=3)
+    assert long[:6].tolist() == short.tolist()
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize(("n", "d", "k", "seed"), [(150, 4, 5, 0), (400, 8, 12, 1), (257, 3, 20, 2), (120, 16, 7, 3)])
+def test_fit_matches_dense_kmedoids(clip, n, d, k, seed):
+    x = unit_rows(n, d, seed=seed)
+    init = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
+    fit = fit_kmedoids(x, init, clip=clip)
+    medoids, labels, n_iter = dense_kmedoids(dense_distance(x.numpy(), clip=clip), init.tolist())
+    assert fit.medoids.tolist() == medoids.tolist()
+    assert fit.labels.tolist() == labels.tolist()
+    assert fit.n_iter == n_iter
+    assert fit.converged
+
+
+def test_fit_on_clustered_data_recovers_clusters():
+    x = clustered_rows(600, 16, 6, spread=0.3, seed=5)
+    init, _ = kmedoids_pp_init(x, 6, generator=torch.Generator().manual_seed(0))
+    fit = fit_kmedoids(x, init)
+    medoids, labels, _ = dense_kmedoids(dense_distance(x.numpy(), clip=False), init.tolist())
+    assert fit.labels.tolist() == labels.tolist()
+    assert fit.medoids.tolist() == medoids.tolist()
+    # objective is the sum of distances to the medoids
+    d = dense_distance(x.numpy(), clip=False)
+    assert math.isclose(fit.objective, float(d[medoids[labels], np.arange(600)].sum()), rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_max_iter_cap_matches_oracle(clip):
+    x = unit_rows(300, 5, seed=7)
+    init = torch.arange(10)
+    fit = fit_kmedoids(x, init, max_iter=1, clip=clip, with_silhouette=True)
+    medoids, labels, _ = dense_kmedoids(dense_distance(x.numpy(), clip=clip), init.tolist(), max_iter=1)
+    assert fit.medoids.tolist() == medoids.tolist()
+    assert fit.labels.tolist() == labels.tolist()
+    assert not fit.converged and fit.n_iter == 1
+    assert not math.isnan(fit.silhouette)
+
+
+def _dyadic_rows(n: int, seed: int) -> torch.Tensor:
+    """Unit vectors with entries +-0.5 in 4 dims: every inner product and sum is exact, so ties are exact."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (n, 4), generator=g).to(torch.float64) - 0.5
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_exact_ties_break_like_the_oracle(clip, seed):
+    x = _dyadic_rows(90, seed)  # 16 distinct points, many duplicates, many equidistant pairs
+    init, _ = kmedoids_pp_init(x, 6, generator=torch.Generator().manual_seed(seed), clip=clip)
+    expected = dense_kpp_init(dense_distance(x.numpy(), clip=clip), 6, torch.Generator().manual_seed(seed), 3)
+    assert init.tolist() == expected
+    fit = fit_kmedoids(x, init, clip=clip)
+    medoids, labels, _ = dense_kmedoids(dense_distance(x.numpy(), clip=clip), init.tolist())
+    assert fit.medoids.tolist() == medoids.tolist()
+    assert fit.labels.tolist() == labels.tolist()
+
+
+def test_duplicate_rows_and_empty_clusters_match_oracle():
+    base = _dyadic_rows(30, 8)
+    x = torch.cat([base, base, base[:5]])  # many exact duplicates
+    init = torch.tensor([0, 30, 60, 1, 2, 3])  # 0, 30 and 60 are the same point: two clusters start empty
+    fit = fit_kmedoids(x, init)
+    medoids, labels, _ = dense_kmedoids(dense_distance(x.numpy(), clip=False), init.tolist())
+    assert fit.medoids.tolist() == medoids.tolist()
+    assert fit.labels.tolist() == labels.tolist()
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_batch_equals_individual_fits(clip):
+    x = unit_rows(350, 6, seed=9)
+    centers, sims = kmedoids_pp_init(x, 14, generator=torch.Generator().manual_seed(1), clip=clip)
+    ks = [4, 9, 14, 7]
+    batch = fit_kmedoids_batch(
+        x, [centers[:k] for k in ks], clip=clip, init_sims=sims, with_silhouette=True, block_size=50
+    )
+    for k, got in zip(ks, batch, strict=True):
+        alone = fit_kmedoids(x, centers[:k], clip=clip, with_silhouette=True)
+        assert got.medoids.tolist() == alone.medoids.tolist()
+        assert got.labels.tolist() == alone.labels.tolist()
+        assert got.n_iter == alone.n_iter
+        assert math.isclose(got.silhouette, alone.silhouette, rel_tol=1e-12, abs_tol=1e-12)
+        assert math.isclose(got.objective, alone.objective, rel_tol=1e-12)
+
+
+def test_search_strategy_equals_cached_torch_backend():
+    x = unit_rows(500, 8, seed=10)
+    init = torch.arange(0, 500, 37)
+    cached = fit_kmedoids(x, init, with_silhouette=True)
+    search = fit_kmedoids_search(x, init, backend=TorchBackend(block_size=64), with_silhouette=True, block_size=64)
+    assert search.medoids.tolist() == cached.medoids.tolist()
+    assert search.labels.tolist() == cached.labels.tolist()
+    assert math.isclose(search.silhouette, cached.silhouette, rel_tol=1e-10)
+    assert search.n_iter == cached.n_iter
+
+
+@pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
+def test_search_strategy_with_faiss_equals_cached():
+    x = clustered_rows(800, 16, 8, spread=0.5, seed=11, dtype=torch.float32)
+    init, _ = kmedoids_pp_init(x, 8, generator=torch.Generator().manual_seed(2))
+    cached = fit_kmedoids(x, init)
+    search = fit_kmedoids_search(x, init, backend=FaissBackend(block_size=100))
+    assert search.medoids.tolist() == cached.medoids.tolist()
+    assert search.labels.tolist() == cached.labels.tolist()
+
+
+@pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
+def test_faiss_and_torch_backends_agree():
+    x = unit_rows(1000, 12, seed=12, dtype=torch.float32)
+    centers = x[:17]
+    fl, fv = FaissBackend(block_size=300).assign(x, centers)
+    tl, tv = TorchBackend(block_size=300).assign(x, centers)
+    assert (fl == tl).float().mean() > 0.999
+    torch.testing.assert_close(fv, tv, atol=1e-5, rtol=1e-5)
+    fi, _ = FaissBackend().topk(x, centers, 3)
+    ti, _ = TorchBackend().topk(x, centers, 3)
+    assert (fi == ti).float().mean() > 0.99
+
+
+def test_torch_backend_blocks_match_unblocked():
+    x = unit_rows(333, 7, seed=13)
+    centers = unit_rows(9, 7, seed=14)
+    a = TorchBackend(block_size=10).assign(x, centers)
+    b = TorchBackend(block_size=100000).assign(x, centers)
+    assert torch.equal(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1])
+    assert torch.equal(a[0], (x @ centers.T).argmax(1))
+
+
+def test_sweep_picks_best_silhouette_and_batches_do_not_matter():
+    x = clustered_rows(500, 12, 5, spread=0.5, seed=15)
+    one = kmedoids_sweep(x, range(3, 9), generator=torch.Generator().manual_seed(0), memory_budget=1)
+    many = kmedoids_sweep(x, range(3, 9), generator=torch.Generator().manual_seed(0))
+    search = kmedoids_sweep(x, range(3, 9), generator=torch.Generator().manual_seed(0), strategy="search")
+    assert one.silhouettes.keys() == many.silhouettes.keys() == set(range(3, 9))
+    for k in range(3, 9):
+        assert math.isclose(one.silhouettes[k], many.silhouettes[k], rel_tol=1e-12)
+        assert math.isclose(search.silhouettes[k], many.silhouettes[k], rel_tol=1e-9)
+    assert many.k == max(many.silhouettes, key=lambda k: (many.silhouettes[k], -k))
+    assert one.k == many.k == search.k == 5
+    assert one.fit.labels.tolist() == many.fit.labels.tolist() == search.fit.labels.tolist()
+    assert search.strategy == "search" and many.strategy == "cached"
+
+
+def test_sweep_rejects_impossible_k():
+    x = unit_rows(10, 3)
+    with pytest.raises(ValueError, match="every K must be in"):
+        kmedoids_sweep(x, [5, 10], generator=torch.Generator())
+    with pytest.raises(ValueError, match="clipped distance"):
+        kmedoids_sweep(x, [3], generator=torch.Generator(), clip=True, strategy="search")
+
+
+@settings(deadline=None)
+@given(
+    n=st.integers(6, 60),
+    d=st.integers(2, 6),
+    k=st.integers(2, 6),
+    seed=st.integers(0, 10_000),
+    clip=st.booleans(),
+)
+def test_property_fit_equals_dense_oracle(n, d, k, seed, clip):
+    k = min(k, n - 1)
+    x = unit_rows(n, d, seed=seed)
+    init, _ = kmedoids_pp_init(x, k, generator=torch.Generator().manual_seed(seed), clip=clip)
+    fit = fit_kmedoids(x, init, clip=clip)
+    medoids, labels, _ = dense_kmedoids(dense_distance(x.numpy(), clip=clip), init.tolist())
+    assert fit.medoids.tolist() == medoids.tolist()
+    assert fit.labels.tolist() == labels.tolist()
+    # invariants: every row sits with its nearest medoid, every non-empty cluster contains its medoid
+    d_mat = dense_distance(x.numpy(), clip=clip)
+    assert np.allclose(d_mat[medoids[fit.labels.numpy()], np.arange(n)], d_mat[medoids].min(0))
+    for c, m in enumerate(fit.medoids.tolist()):
+        if (fit.labels == c).any():
+            assert fit.labels[m] == c or d_mat[m, medoids[fit.labels[m]]] == 0
