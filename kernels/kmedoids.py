@@ -178,6 +178,26 @@ def _medoid_scores_blocked(x: Tensor, labels: Tensor, sums: Tensor, sq_norms: Te
     return out
 
 
+def _prefix_argmax(sims: Tensor, ks: Sequence[int], *, clip: bool) -> Tensor:
+    """Nearest of the first K centers for every K in ``ks``, by one running argmax over ``sims`` [k_max, N].
+
+    Returns [len(ks), N] int64; ties go to the lowest center, like ``max``.
+    """
+    out = torch.empty(len(ks), sims.shape[1], dtype=torch.int64, device=sims.device)
+    rows = sims.clamp(0.0, 1.0) if clip else sims
+    best_value = rows[0].clone()
+    best_index = torch.zeros(sims.shape[1], dtype=torch.int64, device=sims.device)
+    for j in range(sims.shape[0]):
+        if j:
+            better = rows[j] > best_value
+            best_value = torch.where(better, rows[j], best_value)
+            best_index.masked_fill_(better, j)
+        for f, k in enumerate(ks):
+            if k == j + 1:
+                out[f] = best_index
+    return out
+
+
 def fit_kmedoids_batch(
     x: Tensor,
     inits: Sequence[Tensor],
@@ -223,11 +243,11 @@ def fit_kmedoids_batch(
     for f, init in enumerate(inits):
         medoids[f * k_max : f * k_max + ks[f]] = init.to(device=dev, dtype=torch.int64)
     # similarity of every medoid slot to every row; unused slots hold -inf and never win
+    neg_inf = torch.tensor(float("-inf"), dtype=x.dtype, device=dev)
     if init_sims is not None:
-        cache = init_sims[None, :k_max].expand(n_fits, k_max, n).reshape(n_slots, n)
+        cache = torch.where(real[:, :, None], init_sims[None, :k_max], neg_inf).reshape(n_slots, n)
     else:
-        cache = x[medoids.clamp_min(0)] @ x.T
-    cache[~real.reshape(-1)] = float("-inf")
+        cache = torch.where(real.reshape(-1, 1), x[medoids.clamp_min(0)] @ x.T, neg_inf)
 
     def assign() -> Tensor:
         sims = cache.view(n_fits, k_max, n)
@@ -236,9 +256,18 @@ def fit_kmedoids_batch(
         # max returns the first maximal index: ties go to the lowest cluster, like the reference's argmin
         return sims.max(dim=1).indices + offsets  # [F, N] global slots
 
-    slots = assign()
-    # G = S @ X.T per slot; unused slots' rows are never written and never read unmasked
-    gram = torch.empty(n_slots, n, dtype=x.dtype, device=dev) if not clip else None
+    if init_sims is not None:  # the fits' inits are prefixes of one sequence: one running argmax labels them all
+        slots = _prefix_argmax(init_sims[:k_max], ks, clip=clip) + offsets
+    else:
+        slots = assign()
+    gram, sums = None, None
+    if not clip:
+        # G = S @ X.T per slot; unused slots' rows are never written and never read unmasked. The member sums S
+        # are kept up to date incrementally from the points that switch clusters.
+        gram = torch.empty(n_slots, n, dtype=x.dtype, device=dev)
+        sums = torch.zeros(n_slots, x.shape[1], dtype=x.dtype, device=dev)
+        for f in range(n_fits):
+            sums.index_add_(0, slots[f], x)
     changed = real.reshape(-1).nonzero().squeeze(1)  # slots whose member set changed since their medoid was chosen
     n_iter = [max_iter] * n_fits
     converged = [False] * n_fits
@@ -248,14 +277,16 @@ def fit_kmedoids_batch(
         is_changed[changed] = True
         pos = is_changed[slots].reshape(-1).nonzero().squeeze(1)  # (fit, row) pairs; rows ascending per slot
         row, own = pos % n, slots.reshape(-1)[pos]
-        if gram is not None:
-            _refresh_gram(x, slots, changed, gram, k_max=k_max)
+        if gram is not None and sums is not None:
+            write_rows(gram, changed, sums[changed], x)
             # total distance to the own cluster is (|C| - 1) - (G[c, i] - |x_i|^2): maximise the bracket
             score = gram[own, row].to(torch.float64) - sq_norms[row]
         else:
             rows = torch.unique(row)
-            sums = pairwise_distance_sums(x, (slots - offsets).T, k_max, rows=rows, clip=True, block_size=block_size)
-            score = -sums[torch.searchsorted(rows, row), own // k_max, own % k_max]
+            pair_sums = pairwise_distance_sums(
+                x, (slots - offsets).T, k_max, rows=rows, clip=True, block_size=block_size
+            )
+            score = -pair_sums[torch.searchsorted(rows, row), own // k_max, own % k_max]
         counts = torch.bincount(own, minlength=n_slots)
         best = segment_argmax(score, own, n_slots, tol=tie_tolerance(x, counts))
         # an empty cluster keeps its medoid (and when every changed cluster emptied, there is no row at all)
@@ -269,6 +300,8 @@ def fit_kmedoids_batch(
             new_slots = assign()
             switched = new_slots != slots
             switched_per_fit = switched.sum(1).tolist()
+            if sums is not None:
+                _update_sums(sums, x, slots, new_slots, switched, switched_per_fit, k_max=k_max)
             # a cluster whose member set is unchanged keeps its medoid: same members, same sums, same argmin
             changed = torch.unique(torch.cat([slots[switched], new_slots[switched]]))
             slots = new_slots
@@ -287,8 +320,8 @@ def fit_kmedoids_batch(
     labels = slots - offsets  # [F, N]
     silhouettes = [math.nan] * n_fits
     if with_silhouette:
-        if gram is not None:
-            _refresh_gram(x, slots, changed, gram, k_max=k_max)  # only when max_iter cut a fit short
+        if gram is not None and sums is not None:
+            write_rows(gram, changed, sums[changed], x)  # only when max_iter cut a fit short
             sil = silhouette_from_gram(gram.view(n_fits, k_max, n), labels, counts, sq_norms, block_size=block_size)
         else:
             sums = pairwise_distance_sums(x, labels.T, k_max, clip=True, block_size=block_size)
@@ -314,14 +347,30 @@ def fit_kmedoids_batch(
     ]
 
 
-def _refresh_gram(x: Tensor, slots: Tensor, changed: Tensor, gram: Tensor, *, k_max: int) -> None:
-    """Recompute the member sums of the ``changed`` slots and their rows of G = S @ X.T, in place."""
-    if changed.numel() == 0:
-        return
-    sums = torch.zeros(gram.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
-    for f in torch.unique(changed // k_max).tolist():
-        sums.index_add_(0, slots[f], x)
-    write_rows(gram, changed, sums[changed], x)
+def _update_sums(
+    sums: Tensor,
+    x: Tensor,
+    old: Tensor,
+    new: Tensor,
+    switched: Tensor,
+    switched_per_fit: list[int],
+    *,
+    k_max: int,
+) -> None:
+    """Move the switched points between cluster sums: re-sum a fit where many moved, else add and subtract them."""
+    heavy = [f for f, count in enumerate(switched_per_fit) if count * 8 > x.shape[0]]
+    for f in heavy:
+        block = slice(f * k_max, (f + 1) * k_max)
+        sums[block] = 0
+        sums.index_add_(0, new[f], x)
+    if heavy:
+        switched = switched.clone()
+        switched[heavy] = False
+    fit_idx, row_idx = switched.nonzero(as_tuple=True)
+    if row_idx.numel():
+        moving = x[row_idx]
+        sums.index_add_(0, new[fit_idx, row_idx], moving)
+        sums.index_add_(0, old[fit_idx, row_idx], moving, alpha=-1)
 
 
 def write_rows(table: Tensor, rows: Tensor, left: Tensor, x: Tensor, *, block_size: int = DEFAULT_BLOCK_SIZE) -> None:

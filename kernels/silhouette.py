@@ -111,7 +111,8 @@ def silhouette_from_gram(
     total = torch.zeros(counts.shape[:-1], dtype=torch.float64, device=gram.device)
     size = counts.to(gram.dtype)[..., None]  # [..., K, 1]
     inv_size = torch.where(size > 0, 1.0 / size, torch.zeros_like(size))
-    empty = counts[..., None] == 0
+    # added to G / |C| so that empty clusters never give the smallest mean distance
+    empty_penalty = torch.where(size > 0, torch.zeros_like(size), torch.full_like(size, float("-inf")))
     for start in range(0, n, block_size):
         g = gram[..., start : start + block_size]
         lb = labels[..., None, start : start + block_size]  # [..., 1, B]
@@ -119,8 +120,7 @@ def silhouette_from_gram(
         self_term = (1.0 - sq_norms[start : start + block_size]).to(gram.dtype)
         a = ((own_size - g.gather(-2, lb).squeeze(-2) - self_term) / (own_size - 1.0)).clamp_min(0.0)
         # b = 1 - the largest G[C, i] / |C| over the other non-empty clusters
-        ratio = g * inv_size
-        ratio.masked_fill_(empty, float("-inf"))
+        ratio = torch.addcmul(empty_penalty, g, inv_size)
         ratio.scatter_(-2, lb, float("-inf"))
         b = (1.0 - ratio.max(dim=-2).values).clamp_min(0.0)
         s = (b - a) / torch.maximum(a, b)
