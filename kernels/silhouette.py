@@ -88,7 +88,13 @@ def silhouette_is_defined(counts: Tensor, n: int) -> Tensor:
 
 
 def silhouette_from_gram(
-    gram: Tensor, labels: Tensor, counts: Tensor, sq_norms: Tensor, *, block_size: int = DEFAULT_BLOCK_SIZE
+    gram: Tensor,
+    labels: Tensor,
+    counts: Tensor,
+    sq_norms: Tensor,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    overwrite: bool = False,
 ) -> Tensor:
     """Mean silhouette per labelling from G = S @ X.T (S the cluster member sums) by the sum identity.
 
@@ -102,6 +108,7 @@ def silhouette_from_gram(
         counts: [K] or [F, K] cluster sizes.
         sq_norms: [N] float64 squared row norms.
         block_size: columns (points) per block.
+        overwrite: use ``gram`` as scratch space (saves a [..., K, block] temporary; ``gram`` is garbage after).
 
     Returns:
         float64 scalar tensor (or [F]): the mean silhouette, NaN where fewer than 2 or more than N - 1 clusters
@@ -120,7 +127,7 @@ def silhouette_from_gram(
         self_term = (1.0 - sq_norms[start : start + block_size]).to(gram.dtype)
         a = ((own_size - g.gather(-2, lb).squeeze(-2) - self_term) / (own_size - 1.0)).clamp_min(0.0)
         # b = 1 - the largest G[C, i] / |C| over the other non-empty clusters
-        ratio = torch.addcmul(empty_penalty, g, inv_size)
+        ratio = g.mul_(inv_size).add_(empty_penalty) if overwrite else torch.addcmul(empty_penalty, g, inv_size)
         ratio.scatter_(-2, lb, float("-inf"))
         b = (1.0 - ratio.max(dim=-2).values).clamp_min(0.0)
         s = (b - a) / torch.maximum(a, b)
