@@ -283,7 +283,7 @@ def fit_kmedoids_batch(
         pos = is_changed[slots].reshape(-1).nonzero().squeeze(1)  # (fit, row) pairs; rows ascending per slot
         row, own = pos % n, slots.reshape(-1)[pos]
         if gram is not None and sums is not None:
-            write_rows(gram, changed, sums[changed], x)
+            write_distinct_rows(gram, changed, sums[changed], x)
             # total distance to the own cluster is (|C| - 1) - (G[c, i] - |x_i|^2): maximise the bracket
             score = gram[own, row].to(torch.float64) - sq_norms[row]
         else:
@@ -364,12 +364,17 @@ def _update_sums(
     *,
     k_max: int,
 ) -> None:
-    """Move the switched points between cluster sums: re-sum a fit where many moved, else add and subtract them."""
+    """Move the switched points between cluster sums.
+
+    A fit where many points moved is re-summed in row order (so equal member sets get bit-equal sums, which
+    :func:`write_distinct_rows` exploits); elsewhere the moved points are subtracted and added (cheap when N is
+    large and few points move).
+    """
     heavy = [f for f, count in enumerate(switched_per_fit) if count * 8 > x.shape[0]]
     for f in heavy:
         block = slice(f * k_max, (f + 1) * k_max)
         sums[block] = 0
-        sums.index_add_(0, new[f], x)
+        sums[block].index_add_(0, new[f] - f * k_max, x)
     if heavy:
         switched = switched.clone()
         switched[heavy] = False
@@ -385,6 +390,25 @@ def write_rows(table: Tensor, rows: Tensor, left: Tensor, x: Tensor, *, block_si
     for start in range(0, x.shape[0], block_size):
         stop = start + block_size
         table[rows, start:stop] = left @ x[start:stop].T
+
+
+def write_distinct_rows(
+    table: Tensor, rows: Tensor, left: Tensor, x: Tensor, *, block_size: int = DEFAULT_BLOCK_SIZE
+) -> None:
+    """``table[rows] = left @ x.T``, computing each distinct row of ``left`` once.
+
+    The fits of a K sweep share many clusters (measured: 1,035 cluster slots of a 20..49 sweep held 156 distinct
+    member sets on planted data); equal member sets have bit-equal sums, and equal rows give equal products.
+    """
+    if rows.numel() == 0:
+        return
+    distinct, inverse = torch.unique(left, dim=0, return_inverse=True)
+    if distinct.shape[0] * 3 > 2 * left.shape[0]:
+        write_rows(table, rows, left, x, block_size=block_size)
+        return
+    for start in range(0, x.shape[0], block_size):
+        stop = start + block_size
+        table[rows, start:stop] = (distinct @ x[start:stop].T)[inverse]
 
 
 def write_medoid_rows(
