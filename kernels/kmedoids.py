@@ -581,7 +581,7 @@ def kmedoids_sweep(
     if strategy == "cached":
         # as many K per batch as the budget allows, but batches whose tables stay near TABLE_BYTES run faster
         # (measured on the reference CPU: 15-25% faster than one big batch); split into balanced batches
-        cap = max(1, min(memory_budget // max(1, per_k_bytes), TABLE_BYTES // max(1, per_k_bytes // 2)))
+        cap = max(1, min(memory_budget // max(1, per_k_bytes), max(2, TABLE_BYTES // max(1, per_k_bytes // 2))))
         n_batches = -(-len(ks) // cap)
         batch = -(-len(ks) // n_batches)
     if strategy == "search":
