@@ -1,0 +1,279 @@
+"""Region embeddings from one backbone pass per image batch.
+
+Three modes (../shared/docs/RAVL_METHOD.md, stage 1, step 2):
+
+- ``roi`` for ResNet towers (RegionCLIP): stem and layer1..layer3 once per image, one ``roi_align`` for every box of
+  the batch on the layer3 map (output 2x the attention pool's grid, ``aligned=True``), then layer4 and the attention
+  pool on the pooled crops.
+- ``roi`` for ViT towers (masked-attention CLS): all blocks but the last once per image; in the last block every
+  region gets its own copy of the CLS query, which may attend only to itself and the patches whose centres lie in
+  the box (keys and values shared), then ``ln_post`` and ``proj``. A whole-image box reproduces the image embedding.
+- ``roi-mean`` for ViT towers: RoIAlign-mean of the final patch tokens after ``ln_post`` and ``proj``.
+- ``crop`` for any tower: ``roi_align`` resamples every box to the input size (crop + resize in one batched call),
+  then the tower encodes the crops.
+
+Inputs are normalised images at the tower's input size and boxes in those pixels. Outputs are not normalised.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+MODES = ("roi", "roi-mean", "crop")
+
+
+def tower_kind(visual: nn.Module) -> str:
+    """ "resnet" (open_clip ModifiedResNet), "vit" (open_clip VisionTransformer) or "other"."""
+    if all(hasattr(visual, name) for name in ("stem", "layer3", "layer4", "attnpool")):
+        return "resnet"
+    if all(hasattr(visual, name) for name in ("transformer", "class_embedding", "ln_post", "_embeds")):
+        return "vit"
+    return "other"
+
+
+def supported_modes(visual: nn.Module) -> tuple[str, ...]:
+    """The region modes a tower supports; ``crop`` always."""
+    kind = tower_kind(visual)
+    if kind == "resnet":
+        return ("roi", "crop")
+    if kind == "vit" and _vit_last_block_supported(visual):
+        return ("roi", "roi-mean", "crop")
+    return ("crop",)
+
+
+def _check_boxes(images: Tensor, boxes: Sequence[Tensor]) -> None:
+    if len(boxes) != images.shape[0]:
+        raise ValueError(f"got {len(boxes)} box tensors for {images.shape[0]} images")
+    for i, b in enumerate(boxes):
+        if b.ndim != 2 or b.shape[1] != 4:
+            raise ValueError(f"boxes[{i}] must be [K, 4] xyxy, got shape {tuple(b.shape)}")
+
+
+def _as_rois(boxes: Sequence[Tensor], like: Tensor) -> list[Tensor]:
+    return [b.to(device=like.device, dtype=like.dtype) for b in boxes]
+
+
+# ------------------------------------------------------------------------------------------------ ResNet
+
+
+def resnet_trunk(visual: nn.Module, images: Tensor) -> Tensor:
+    """Stem and layer1..layer3: the map RoIAlign samples. [B, C, H/16, W/16]."""
+    x = images.to(visual.conv1.weight.dtype)
+    return visual.layer3(visual.layer2(visual.layer1(visual.stem(x))))
+
+
+def resnet_head(visual: nn.Module, maps: Tensor) -> Tensor:
+    """layer4 and the attention pool. [R, C, 2g, 2g] -> [R, D]."""
+    return visual.attnpool(visual.layer4(maps))
+
+
+def resnet_roi_embed(visual: nn.Module, images: Tensor, boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """RegionCLIP-style region embeddings of a ModifiedResNet.
+
+    Args:
+        visual: open_clip ``ModifiedResNet``.
+        images: [B, 3, S, S] normalised images at the tower's input size.
+        boxes: B tensors [K_i, 4], xyxy, input pixels.
+
+    Returns:
+        (image embeddings [B, D], region embeddings [sum K_i, D]), regions in image order.
+    """
+    _check_boxes(images, boxes)
+    maps = resnet_trunk(visual, images)
+    image_emb = resnet_head(visual, maps)
+    grid = round(math.sqrt(visual.attnpool.positional_embedding.shape[0] - 1))
+    if sum(b.shape[0] for b in boxes) == 0:
+        return image_emb, image_emb.new_zeros(0, image_emb.shape[1])
+    pooled = roi_align(
+        maps,
+        _as_rois(boxes, maps),
+        output_size=2 * grid,
+        spatial_scale=maps.shape[-1] / images.shape[-1],
+        sampling_ratio=-1,
+        aligned=True,
+    )
+    return image_emb, resnet_head(visual, pooled)
+
+
+# ------------------------------------------------------------------------------------------------ ViT
+
+
+def _vit_last_block_supported(visual: nn.Module) -> bool:
+    last = visual.transformer.resblocks[-1]
+    return (
+        isinstance(getattr(last, "attn", None), nn.MultiheadAttention)
+        and getattr(visual, "attn_pool", None) is None
+        and getattr(visual, "pool_type", "tok") == "tok"
+        and not hasattr(last, "ln_1_kv")
+    )
+
+
+def _run_blocks(transformer: nn.Module, blocks: Sequence[nn.Module], x: Tensor) -> Tensor:
+    if not getattr(transformer, "batch_first", True):
+        x = x.transpose(0, 1)
+    for block in blocks:
+        x = block(x)
+    return x if getattr(transformer, "batch_first", True) else x.transpose(0, 1)
+
+
+def vit_tokens_before_last(visual: nn.Module, images: Tensor) -> Tensor:
+    """Tokens entering the last block: [B, 1 + P, W] (CLS first)."""
+    x = visual._embeds(images.to(visual.conv1.weight.dtype))
+    return _run_blocks(visual.transformer, visual.transformer.resblocks[:-1], x)
+
+
+def patch_centres(visual: nn.Module, device: torch.device) -> Tensor:
+    """[P, 2] (x, y) centres of the patches in input pixels, row-major like the token order."""
+    gh, gw = visual.grid_size
+    ph, pw = visual.patch_size
+    ys = (torch.arange(gh, device=device, dtype=torch.float32) + 0.5) * ph
+    xs = (torch.arange(gw, device=device, dtype=torch.float32) + 0.5) * pw
+    cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([cx.reshape(-1), cy.reshape(-1)], dim=1)
+
+
+def region_patch_mask(visual: nn.Module, rois: Tensor) -> Tensor:
+    """Which tokens each region's CLS query may attend to: itself and the patches whose centres lie in the box.
+
+    A box too small to contain any patch centre gets the patch under its own centre.
+
+    Args:
+        rois: [R, 4] xyxy input pixels.
+
+    Returns:
+        [R, 1 + P] bool.
+    """
+    centres = patch_centres(visual, rois.device)
+    x1, y1, x2, y2 = (rois[:, i : i + 1] for i in range(4))
+    inside = (centres[:, 0] >= x1) & (centres[:, 0] <= x2) & (centres[:, 1] >= y1) & (centres[:, 1] <= y2)
+    empty = ~inside.any(dim=1)
+    if bool(empty.any()):
+        mid = torch.stack([(rois[:, 0] + rois[:, 2]) / 2, (rois[:, 1] + rois[:, 3]) / 2], dim=1)
+        nearest = torch.cdist(mid[empty], centres).argmin(dim=1)
+        inside[empty.nonzero().squeeze(1), nearest] = True
+    return torch.cat([torch.ones_like(inside[:, :1]), inside], dim=1)
+
+
+def vit_roi_embed(visual: nn.Module, images: Tensor, boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Masked-attention CLS region embeddings of an open_clip VisionTransformer.
+
+    Args:
+        visual: open_clip ``VisionTransformer`` with a token pool and a standard last block.
+        images: [B, 3, S, S] normalised images at the tower's input size.
+        boxes: B tensors [K_i, 4], xyxy, input pixels.
+
+    Returns:
+        (image embeddings [B, D], region embeddings [sum K_i, D]).
+    """
+    _check_boxes(images, boxes)
+    if not _vit_last_block_supported(visual):
+        raise NotImplementedError("this ViT's last block or pooling is not supported by mode 'roi'; use 'crop'")
+    tokens = vit_tokens_before_last(visual, images)
+    last = visual.transformer.resblocks[-1]
+    full = _run_blocks(visual.transformer, [last], tokens)
+    image_emb = visual.ln_post(full[:, 0]) @ visual.proj
+    counts = [b.shape[0] for b in boxes]
+    if sum(counts) == 0:
+        return image_emb, image_emb.new_zeros(0, image_emb.shape[1])
+    rois = torch.cat(_as_rois(boxes, tokens)).float()
+    owner = torch.repeat_interleave(
+        torch.arange(len(boxes), device=tokens.device), torch.tensor(counts, device=tokens.device)
+    )
+    allowed = region_patch_mask(visual, rois)  # [R, 1 + P]
+
+    attn: nn.MultiheadAttention = last.attn
+    width, heads = tokens.shape[-1], attn.num_heads
+    head_dim = width // heads
+    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attn.in_proj_bias.chunk(3) if attn.in_proj_bias is not None else (None, None, None)
+    normed = last.ln_1(tokens)
+    keys = F.linear(normed, w_k, b_k).view(tokens.shape[0], -1, heads, head_dim).transpose(1, 2)  # [B, H, T, dh]
+    values = F.linear(normed, w_v, b_v).view(tokens.shape[0], -1, heads, head_dim).transpose(1, 2)
+    cls = tokens[owner, 0]  # [R, W]: each region's own copy of its image's CLS token
+    query = F.linear(last.ln_1(cls), w_q, b_q).view(-1, heads, 1, head_dim)
+    mixed = F.scaled_dot_product_attention(query, keys[owner], values[owner], attn_mask=allowed[:, None, None, :])
+    out = attn.out_proj(mixed.reshape(-1, width))
+    y = cls + last.ls_1(out)
+    y = y + last.ls_2(last.mlp(last.ln_2(y)))
+    return image_emb, visual.ln_post(y) @ visual.proj
+
+
+def vit_roi_mean_embed(visual: nn.Module, images: Tensor, boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """RoIAlign-mean of the final patch tokens after ``ln_post`` and ``proj`` (an option; measured weak)."""
+    _check_boxes(images, boxes)
+    tokens = vit_tokens_before_last(visual, images)
+    full = visual.ln_post(_run_blocks(visual.transformer, visual.transformer.resblocks[-1:], tokens))
+    projected = full @ visual.proj  # [B, 1 + P, D]
+    image_emb = projected[:, 0]
+    if sum(b.shape[0] for b in boxes) == 0:
+        return image_emb, image_emb.new_zeros(0, image_emb.shape[1])
+    gh, gw = visual.grid_size
+    grid = projected[:, 1:].transpose(1, 2).reshape(images.shape[0], -1, gh, gw)
+    pooled = roi_align(
+        grid,
+        _as_rois(boxes, grid),
+        output_size=2,
+        spatial_scale=gw / images.shape[-1],
+        sampling_ratio=-1,
+        aligned=True,
+    )
+    return image_emb, pooled.mean(dim=(2, 3))
+
+
+# ------------------------------------------------------------------------------------------------ any tower
+
+
+def crop_embed(visual: nn.Module, images: Tensor, boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Crop every box, resize it to the input size (one batched ``roi_align``) and encode it like an image."""
+    _check_boxes(images, boxes)
+    image_emb = visual(images)
+    if sum(b.shape[0] for b in boxes) == 0:
+        return image_emb, image_emb.new_zeros(0, image_emb.shape[1])
+    crops = roi_align(
+        images,
+        _as_rois(boxes, images),
+        output_size=tuple(images.shape[-2:]),
+        spatial_scale=1.0,
+        sampling_ratio=-1,
+        aligned=True,
+    )
+    return image_emb, visual(crops)
+
+
+def region_embed(
+    visual: nn.Module, images: Tensor, boxes: Sequence[Tensor], *, mode: str = "roi"
+) -> tuple[Tensor, Tensor]:
+    """Image and region embeddings (not normalised) in one backbone pass per image.
+
+    Args:
+        visual: an open_clip image tower.
+        images: [B, 3, S, S] normalised images at the tower's input size.
+        boxes: B tensors [K_i, 4], xyxy, input pixels.
+        mode: "roi", "roi-mean" or "crop"; see the module docstring.
+
+    Returns:
+        (image embeddings [B, D], region embeddings [sum K_i, D]).
+
+    Raises:
+        ValueError: unknown mode, or a mode this tower does not support (the message lists the supported ones).
+    """
+    if mode not in MODES:
+        raise ValueError(f"region mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode not in supported_modes(visual):
+        raise ValueError(
+            f"region mode {mode!r} is not supported by this {tower_kind(visual)} tower; use one of "
+            f"{', '.join(supported_modes(visual))}"
+        )
+    if mode == "crop":
+        return crop_embed(visual, images, boxes)
+    if tower_kind(visual) == "resnet":
+        return resnet_roi_embed(visual, images, boxes)
+    if mode == "roi-mean":
+        return vit_roi_mean_embed(visual, images, boxes)
+    return vit_roi_embed(visual, images, boxes)

@@ -1,0 +1,196 @@
+"""open_clip models: the tiny configs shipped with ravl-engine, pretrained tags, local checkpoints.
+
+``load_clip("ravl-tiny-rn")`` builds the default tiny ResNet CLIP (random init, trains on a CPU in minutes);
+``load_clip("RN50", pretrained="openai")`` fetches open_clip weights (needs the network once);
+``load_clip("RN50", pretrained="/path/to/weights.pt")`` loads a local file. With no network a tag fails within
+seconds with a message that says how to pass a local file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+
+from ravl_engine.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).with_name("model_configs")
+TINY_MODELS = ("ravl-tiny-rn", "ravl-tiny-vit")
+DEFAULT_MODEL = "ravl-tiny-rn"
+# how long to wait for the model hub's name to resolve before treating the machine as offline
+HUB_PROBE_TIMEOUT_S = 3.0
+
+_registered = False
+
+
+def register_configs() -> None:
+    """Make the shipped tiny configs known to open_clip (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    import open_clip  # noqa: PLC0415  (heavy import kept lazy)
+
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        open_clip.add_model_config(path)
+    _registered = True
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A CLIP model with what is needed to use it.
+
+    Attributes:
+        model: the open_clip model, in eval mode.
+        preprocess: the image transform for PIL images (resize, crop, normalise).
+        tokenizer: text tokenizer.
+        name: architecture name.
+        pretrained: tag, file path, or None (random init).
+        checkpoint_sha256: sha256 of the checkpoint file when ``pretrained`` is a file.
+        image_size: input side in pixels.
+        mean, std: the normalisation of the image tower.
+    """
+
+    model: Any
+    preprocess: Any
+    tokenizer: Any
+    name: str
+    pretrained: str | None
+    checkpoint_sha256: str | None
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def sha256_file(path: str | Path, *, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _host_resolves(url: str, timeout: float) -> bool:
+    """Whether the host of ``url`` resolves within ``timeout`` seconds (run in a thread: resolvers can hang)."""
+    host = urlparse(url).hostname
+    if not host:
+        return False
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.getaddrinfo(host, 443)
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return bool(result and result[0])
+
+
+@contextmanager
+def _hub_offline_when_unreachable():
+    """Without network, make the hub client use its local cache only, so a missing tag fails at once instead of
+    retrying for minutes (measured here: about 50 s of retries otherwise)."""
+    try:
+        from huggingface_hub import constants  # noqa: PLC0415
+    except ImportError:
+        yield
+        return
+    if constants.HF_HUB_OFFLINE or _host_resolves(constants.ENDPOINT, HUB_PROBE_TIMEOUT_S):
+        yield
+        return
+    logger.info("the model hub is unreachable; using the local cache only")
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
+def _checkpoint_arch(path: Path) -> str | None:
+    """The architecture recorded in a ravl-engine checkpoint (``{"arch": name, "state_dict": ...}``), if any."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a torch file we can read with weights_only: let open_clip try
+        return None
+    return blob.get("arch") if isinstance(blob, dict) else None
+
+
+def load_clip(name: str = DEFAULT_MODEL, pretrained: str | None = None, *, device: str = "cpu") -> LoadedModel:
+    """Build an open_clip model.
+
+    Args:
+        name: open_clip architecture ("RN50", "ViT-B-32", ...) or a shipped tiny config ("ravl-tiny-rn",
+            "ravl-tiny-vit").
+        pretrained: None (random init), an open_clip pretrained tag ("openai", "laion2b_s34b_b79k", ...) or a local
+            checkpoint file. A ravl-engine checkpoint records its architecture and must match ``name``.
+        device: torch device.
+
+    Returns:
+        LoadedModel.
+
+    Raises:
+        ConfigError: unknown architecture, unreadable file, architecture mismatch, or weights that could not be
+            fetched (the message says how to pass a local file).
+    """
+    import open_clip  # noqa: PLC0415
+
+    register_configs()
+    if name not in open_clip.list_models():
+        raise ConfigError(
+            f"unknown model {name!r}; use an open_clip architecture (open_clip.list_models()) or one of "
+            f"{', '.join(TINY_MODELS)}"
+        )
+    sha = None
+    weights: str | None = pretrained
+    if pretrained is not None and Path(pretrained).is_file():
+        path = Path(pretrained)
+        sha = sha256_file(path)
+        arch = _checkpoint_arch(path)
+        if arch is not None and arch != name:
+            raise ConfigError(f"{path} was trained as {arch!r}, not {name!r}; pass --model {arch}")
+        weights = str(path)
+    elif pretrained is not None and (os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin"))):
+        raise ConfigError(f"checkpoint file {pretrained} does not exist")
+    try:
+        with _hub_offline_when_unreachable():
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=device)
+    except ConfigError:
+        raise
+    except Exception as err:
+        where = f"file {weights}" if sha else f"tag {pretrained!r}"
+        raise ConfigError(
+            f"could not load weights for {name} from {where} ({type(err).__name__}: {err}); without network "
+            "access pass a local checkpoint file, e.g. --pretrained /path/to/weights.pt"
+        ) from err
+    model.eval()
+    visual = model.visual
+    size = visual.image_size
+    image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    mean = tuple(float(v) for v in getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
+    std = tuple(float(v) for v in getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
+    return LoadedModel(
+        model=model,
+        preprocess=preprocess,
+        tokenizer=open_clip.get_tokenizer(name),
+        name=name,
+        pretrained=pretrained,
+        checkpoint_sha256=sha,
+        image_size=image_size,
+        mean=mean,  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+    )
