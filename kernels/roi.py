@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ from torchvision.ops import roi_align
 MODES = ("roi", "roi-mean", "crop")
 
 
-def tower_kind(visual: nn.Module) -> str:
+def tower_kind(visual: Any) -> str:
     """ "resnet" (open_clip ModifiedResNet), "vit" (open_clip VisionTransformer) or "other"."""
     if all(hasattr(visual, name) for name in ("stem", "layer3", "layer4", "attnpool")):
         return "resnet"
@@ -37,7 +38,7 @@ def tower_kind(visual: nn.Module) -> str:
     return "other"
 
 
-def supported_modes(visual: nn.Module) -> tuple[str, ...]:
+def supported_modes(visual: Any) -> tuple[str, ...]:
     """The region modes a tower supports; ``crop`` always."""
     kind = tower_kind(visual)
     if kind == "resnet":
@@ -62,18 +63,18 @@ def _as_rois(boxes: Sequence[Tensor], like: Tensor) -> list[Tensor]:
 # ------------------------------------------------------------------------------------------------ ResNet
 
 
-def resnet_trunk(visual: nn.Module, images: Tensor) -> Tensor:
+def resnet_trunk(visual: Any, images: Tensor) -> Tensor:
     """Stem and layer1..layer3: the map RoIAlign samples. [B, C, H/16, W/16]."""
     x = images.to(visual.conv1.weight.dtype)
     return visual.layer3(visual.layer2(visual.layer1(visual.stem(x))))
 
 
-def resnet_head(visual: nn.Module, maps: Tensor) -> Tensor:
+def resnet_head(visual: Any, maps: Tensor) -> Tensor:
     """layer4 and the attention pool. [R, C, 2g, 2g] -> [R, D]."""
     return visual.attnpool(visual.layer4(maps))
 
 
-def resnet_roi_embed(visual: nn.Module, images: Tensor, boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+def resnet_roi_embed(visual: Any, images: Tensor, boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """RegionCLIP-style region embeddings of a ModifiedResNet.
 
     Args:
@@ -104,7 +105,7 @@ def resnet_roi_embed(visual: nn.Module, images: Tensor, boxes: Sequence[Tensor])
 # ------------------------------------------------------------------------------------------------ ViT
 
 
-def _vit_last_block_supported(visual: nn.Module) -> bool:
+def _vit_last_block_supported(visual: Any) -> bool:
     last = visual.transformer.resblocks[-1]
     return (
         isinstance(getattr(last, "attn", None), nn.MultiheadAttention)
@@ -114,7 +115,7 @@ def _vit_last_block_supported(visual: nn.Module) -> bool:
     )
 
 
-def _run_blocks(transformer: nn.Module, blocks: Sequence[nn.Module], x: Tensor) -> Tensor:
+def _run_blocks(transformer: Any, blocks: Sequence[Any], x: Tensor) -> Tensor:
     if not getattr(transformer, "batch_first", True):
         x = x.transpose(0, 1)
     for block in blocks:
@@ -122,13 +123,13 @@ def _run_blocks(transformer: nn.Module, blocks: Sequence[nn.Module], x: Tensor) 
     return x if getattr(transformer, "batch_first", True) else x.transpose(0, 1)
 
 
-def vit_tokens_before_last(visual: nn.Module, images: Tensor) -> Tensor:
+def vit_tokens_before_last(visual: Any, images: Tensor) -> Tensor:
     """Tokens entering the last block: [B, 1 + P, W] (CLS first)."""
     x = visual._embeds(images.to(visual.conv1.weight.dtype))
     return _run_blocks(visual.transformer, visual.transformer.resblocks[:-1], x)
 
 
-def patch_centres(visual: nn.Module, device: torch.device) -> Tensor:
+def patch_centres(visual: Any, device: torch.device) -> Tensor:
     """[P, 2] (x, y) centres of the patches in input pixels, row-major like the token order."""
     gh, gw = visual.grid_size
     ph, pw = visual.patch_size
@@ -138,7 +139,7 @@ def patch_centres(visual: nn.Module, device: torch.device) -> Tensor:
     return torch.stack([cx.reshape(-1), cy.reshape(-1)], dim=1)
 
 
-def region_patch_mask(visual: nn.Module, rois: Tensor) -> Tensor:
+def region_patch_mask(visual: Any, rois: Tensor) -> Tensor:
     """Which tokens each region's CLS query may attend to: itself and the patches whose centres lie in the box.
 
     A box too small to contain any patch centre gets the patch under its own centre.
@@ -160,7 +161,7 @@ def region_patch_mask(visual: nn.Module, rois: Tensor) -> Tensor:
     return torch.cat([torch.ones_like(inside[:, :1]), inside], dim=1)
 
 
-def vit_roi_embed(visual: nn.Module, images: Tensor, boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+def vit_roi_embed(visual: Any, images: Tensor, boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """Masked-attention CLS region embeddings of an open_clip VisionTransformer.
 
     Args:
@@ -204,7 +205,7 @@ def vit_roi_embed(visual: nn.Module, images: Tensor, boxes: Sequence[Tensor]) ->
     return image_emb, visual.ln_post(y) @ visual.proj
 
 
-def vit_roi_mean_embed(visual: nn.Module, images: Tensor, boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+def vit_roi_mean_embed(visual: Any, images: Tensor, boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """RoIAlign-mean of the final patch tokens after ``ln_post`` and ``proj`` (an option; measured weak)."""
     _check_boxes(images, boxes)
     tokens = vit_tokens_before_last(visual, images)
@@ -229,7 +230,7 @@ def vit_roi_mean_embed(visual: nn.Module, images: Tensor, boxes: Sequence[Tensor
 # ------------------------------------------------------------------------------------------------ any tower
 
 
-def crop_embed(visual: nn.Module, images: Tensor, boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+def crop_embed(visual: Any, images: Tensor, boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """Crop every box, resize it to the input size (one batched ``roi_align``) and encode it like an image."""
     _check_boxes(images, boxes)
     image_emb = visual(images)
@@ -246,9 +247,7 @@ def crop_embed(visual: nn.Module, images: Tensor, boxes: Sequence[Tensor]) -> tu
     return image_emb, visual(crops)
 
 
-def region_embed(
-    visual: nn.Module, images: Tensor, boxes: Sequence[Tensor], *, mode: str = "roi"
-) -> tuple[Tensor, Tensor]:
+def region_embed(visual: Any, images: Tensor, boxes: Sequence[Tensor], *, mode: str = "roi") -> tuple[Tensor, Tensor]:
     """Image and region embeddings (not normalised) in one backbone pass per image.
 
     Args:
