@@ -24,11 +24,14 @@ class Proposals:
         boxes: [K, 4] float32, xyxy, input pixels, inside the image, non-empty.
         scores: [K] float32, the proposer's confidence (1 for fixed layouts).
         stats: counts of boxes ``clipped`` to the image and ``dropped`` (empty, too small, low score, over the cap).
+        source: [K] int64, index of each box in the proposer's raw output (-1 for the added whole-image box); lets
+            per-box metadata (the manifest's region labels) follow the boxes that were kept.
     """
 
     boxes: Tensor
     scores: Tensor
     stats: dict[str, int] = field(default_factory=dict)
+    source: Tensor | None = None
 
 
 class RegionProposer(Protocol):
@@ -85,16 +88,19 @@ def finalize_boxes(boxes: Tensor, scores: Tensor, *, height: int, width: int, fi
     keep &= torch.isfinite(clipped).all(dim=1)
     if filt.score_threshold is not None:
         keep &= scores >= filt.score_threshold
-    kept_boxes, kept_scores = clipped[keep], scores[keep]
-    if filt.max_boxes is not None and kept_boxes.shape[0] > filt.max_boxes:
-        order = torch.sort(kept_scores, descending=True, stable=True).indices[: filt.max_boxes]
-        order = torch.sort(order).values  # keep the proposer's order among the kept boxes
-        kept_boxes, kept_scores = kept_boxes[order], kept_scores[order]
+    source = keep.nonzero().squeeze(1)
+    if filt.max_boxes is not None and source.shape[0] > filt.max_boxes:
+        order = torch.sort(scores[source], descending=True, stable=True).indices[: filt.max_boxes]
+        source = source[torch.sort(order).values]  # keep the proposer's order among the kept boxes
+    kept_boxes, kept_scores = clipped[source], scores[source]
     n_dropped = boxes.shape[0] - kept_boxes.shape[0]
     if filt.whole_image:
         kept_boxes = torch.cat([kept_boxes, limits.new_tensor([[0.0, 0.0, width, height]])])
         kept_scores = torch.cat([kept_scores, kept_scores.new_ones(1)])
-    return Proposals(boxes=kept_boxes, scores=kept_scores, stats={"clipped": n_clipped, "dropped": n_dropped})
+        source = torch.cat([source, source.new_full((1,), -1)])
+    return Proposals(
+        boxes=kept_boxes, scores=kept_scores, stats={"clipped": n_clipped, "dropped": n_dropped}, source=source.cpu()
+    )
 
 
 _REGISTRY: dict[str, Callable[..., RegionProposer]] = {}

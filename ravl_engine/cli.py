@@ -97,5 +97,135 @@ def discover_cmd(
     _emit(summary)
 
 
+def _split_csv(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    return items or None
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """KEY=VALUE proposer options; values are parsed as JSON when they can be (numbers, null, true)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--proposer-option")
+        key, value = pair.split("=", 1)
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+@main.command("embed")
+@click.option("--data", "data", required=True, type=click.Path(dir_okay=False), help="Manifest: CSV, JSONL or Parquet.")
+@click.option(
+    "--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory (resumed if present)."
+)
+@click.option("--model", default="ravl-tiny-rn", show_default=True, help="open_clip architecture or tiny config.")
+@click.option("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint file.")
+@click.option("--proposer", default="quadrants", show_default=True, help="quadrants, grid, manifest, rpn, yolo, ...")
+@click.option("--proposer-option", "proposer_options", multiple=True, help="KEY=VALUE for the proposer (repeatable).")
+@click.option("--max-boxes", type=int, default=None, help="Keep at most this many boxes per image.")
+@click.option("--min-box-size", type=float, default=1.0, show_default=True, help="Drop boxes smaller than this (px).")
+@click.option("--score-threshold", type=float, default=None, help="Drop proposals scoring below this.")
+@click.option(
+    "--whole-image/--no-whole-image", default=False, show_default=True, help="Add the whole image as a region."
+)
+@click.option(
+    "--region-mode", type=click.Choice(["auto", "roi", "roi-mean", "crop"]), default="auto", show_default=True
+)
+@click.option("--classes", default=None, help="Comma-separated class names (default: the manifest's labels).")
+@click.option("--classes-file", default=None, type=click.Path(dir_okay=False), help="One class name per line.")
+@click.option("--templates", default=None, help="'|'-separated prompt templates, each with one {}.")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--shard-size", default=4096, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--num-workers", default=0, show_default=True, help="DataLoader workers for image decoding.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def embed_cmd(**opts: Any) -> None:
+    """Embed every image and region of a manifest into a resumable run directory."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    from ravl_engine.embed import EmbedConfig, run_embed  # noqa: PLC0415
+    from ravl_engine.manifest import read_manifest  # noqa: PLC0415
+
+    progress = opts.pop("progress")
+    templates = opts.pop("templates")
+    fields: dict[str, Any] = {k: v for k, v in opts.items() if k not in ("classes", "proposer_options")}
+    fields["classes"] = _split_csv(opts["classes"])
+    fields["proposer_options"] = _parse_options(opts["proposer_options"])
+    if templates:
+        fields["templates"] = tuple(t for t in templates.split("|") if t)
+    try:
+        cfg = EmbedConfig.from_dict(fields)
+        total = len(read_manifest(cfg.data))
+        with tqdm(total=total, desc="embed", unit="img", file=sys.stderr, disable=not progress) as bar:
+            result = run_embed(cfg, on_images=bar.update)
+    except RavlEngineError as err:
+        raise click.ClickException(str(err)) from err
+    _emit(result.to_dict())
+
+
+@main.command("cluster")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Directory for discovery.json.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--k", "k", type=int, default=None, help="Fixed number of clusters (default: silhouette sweep).")
+@click.option("--clip-distance", is_flag=True, help="The released code's clipped cosine distance (O(N^2)).")
+@click.option("--strategy", type=click.Choice(["auto", "cached", "search"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "torch", "faiss"]), default="auto", show_default=True)
+@click.option("--device", default=None, help="torch device for discovery (default cpu).")
+@click.option("--top", default=10, show_default=True, help="Regions per cluster in the printed summary.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def cluster_cmd(
+    run_dir: str,
+    out: str,
+    seed: int,
+    k: int | None,
+    clip_distance: bool,
+    strategy: str,
+    backend: str,
+    device: str | None,
+    top: int,
+    progress: bool,
+) -> None:
+    """Find spurious region clusters in a run directory; writes OUT/discovery.json."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    from ravl_engine.cluster import ClusterConfig, run_cluster  # noqa: PLC0415
+    from ravl_engine.config import DiscoverConfig  # noqa: PLC0415
+
+    try:
+        discover_cfg = DiscoverConfig(
+            k=k, clip_distance=clip_distance, strategy=strategy, backend=backend, device=device
+        )
+        cfg = ClusterConfig(run_dir=run_dir, out=out, seed=seed, discover=discover_cfg)
+        with tqdm(desc="K sweep", unit="K", file=sys.stderr, disable=not progress) as bar:
+            result = run_cluster(cfg, on_k=lambda _entry: bar.update(1))
+    except RavlEngineError as err:
+        raise click.ClickException(str(err)) from err
+    doc = result.document
+    _emit(
+        {
+            "discovery": result.path,
+            "k": doc["k"],
+            "classes": doc["classes"],
+            "clusters": [
+                {
+                    "rank": c["rank"],
+                    "class": c["class"],
+                    "gap": c["gap"],
+                    "influence": c["influence"],
+                    "n_regions": len(c["regions"]),
+                    "top_regions": c["regions"][:top],
+                }
+                for c in doc["clusters"]
+            ],
+        }
+    )
+
+
 if __name__ == "__main__":
     main()

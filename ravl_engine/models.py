@@ -130,7 +130,9 @@ def _checkpoint_arch(path: Path) -> str | None:
     return blob.get("arch") if isinstance(blob, dict) else None
 
 
-def load_clip(name: str = DEFAULT_MODEL, pretrained: str | None = None, *, device: str = "cpu") -> LoadedModel:
+def load_clip(
+    name: str = DEFAULT_MODEL, pretrained: str | None = None, *, device: str = "cpu", init_seed: int = 0
+) -> LoadedModel:
     """Build an open_clip model.
 
     Args:
@@ -139,6 +141,8 @@ def load_clip(name: str = DEFAULT_MODEL, pretrained: str | None = None, *, devic
         pretrained: None (random init), an open_clip pretrained tag ("openai", "laion2b_s34b_b79k", ...) or a local
             checkpoint file. A ravl-engine checkpoint records its architecture and must match ``name``.
         device: torch device.
+        init_seed: seed of the random initialisation (so that a random-init model is the same in every process,
+            which resumed runs and tests rely on); the global torch RNG is left as it was.
 
     Returns:
         LoadedModel.
@@ -167,7 +171,8 @@ def load_clip(name: str = DEFAULT_MODEL, pretrained: str | None = None, *, devic
     elif pretrained is not None and (os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin"))):
         raise ConfigError(f"checkpoint file {pretrained} does not exist")
     try:
-        with _hub_offline_when_unreachable():
+        with _hub_offline_when_unreachable(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=device)
     except ConfigError:
         raise

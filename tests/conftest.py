@@ -53,3 +53,69 @@ def pytest_configure(config):
     settings.register_profile("ci", max_examples=60, derandomize=True)
     settings.register_profile("explore", max_examples=2000)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+MNIST_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "mnist")
+
+
+def write_digit_dataset(folder, n_images: int = 24, *, seed: int = 0, classes=("0", "1", "2"), fmt: str = "csv"):
+    """Small controlled digit set on disk: 56 x 56 PNGs, a digit in one quadrant and a red square (p = 0.5) in another,
+    with a manifest listing label, caption, quadrant boxes and region labels. Returns the manifest path."""
+    import csv
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(folder)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    try:
+        from ravl_engine.data import load_mnist
+
+        digits, digit_labels = load_mnist(MNIST_DIR)
+    except Exception:  # shared data absent: blocky synthetic "digits"
+        digits = (rng.random((200, 28, 28)) > 0.6).astype(np.uint8) * 255
+        digit_labels = rng.integers(0, 10, 200)
+    quads = [[0, 0, 28, 28], [28, 0, 56, 28], [0, 28, 28, 56], [28, 28, 56, 56]]
+    rows = []
+    for i in range(n_images):
+        label = str(classes[i % len(classes)])
+        pool = np.flatnonzero(digit_labels == int(label)) if label.isdigit() else np.arange(len(digits))
+        digit = digits[int(rng.choice(pool if pool.size else np.arange(len(digits))))]
+        canvas = np.zeros((56, 56, 3), dtype=np.uint8)
+        slots = rng.permutation(4)
+        x1, y1, _, _ = quads[slots[0]]
+        canvas[y1 : y1 + 28, x1 : x1 + 28] = digit[:, :, None]
+        region_labels = ["none"] * 4
+        region_labels[slots[0]] = label
+        if rng.random() < 0.5:
+            sx, sy, _, _ = quads[slots[1]]
+            canvas[sy : sy + 28, sx : sx + 28, 0] = 255
+            region_labels[slots[1]] = "square"
+        name = f"img/{i:04d}.png"
+        Image.fromarray(canvas).save(folder / name)
+        rows.append(
+            {
+                "image": name,
+                "label": label,
+                "caption": f"the digit {label}",
+                "boxes": json.dumps(quads),
+                "region_labels": json.dumps(region_labels),
+            }
+        )
+    path = folder / f"manifest.{fmt}"
+    if fmt == "csv":
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        path.write_text(
+            "".join(
+                json.dumps({**r, "boxes": json.loads(r["boxes"]), "region_labels": json.loads(r["region_labels"])})
+                + "\n"
+                for r in rows
+            )
+        )
+    return path

@@ -1,0 +1,143 @@
+"""Stage ``cluster``: a run directory -> RaVL discovery -> ``discovery.json``. Needs no model."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ravl_engine.config import DiscoverConfig, config_from_dict
+from ravl_engine.discover import DiscoveryResult, run_discover
+from ravl_engine.errors import ConfigError
+from ravl_engine.shards import read_run, write_json_atomic
+from ravl_engine.zeroshot import TEMPERATURE, zero_shot_probs
+
+logger = logging.getLogger(__name__)
+
+DISCOVERY_NAME = "discovery.json"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterConfig:
+    """Options of ``ravl-engine cluster``.
+
+    Attributes:
+        run_dir: a complete run directory written by ``embed``.
+        out: output directory for ``discovery.json``.
+        seed: k-medoids++ seed.
+        temperature: zero-shot softmax temperature (0.07).
+        discover: discovery options.
+    """
+
+    run_dir: str
+    out: str
+    seed: int = 0
+    temperature: float = TEMPERATURE
+    discover: DiscoverConfig = field(default_factory=DiscoverConfig)
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ClusterConfig:
+        data = dict(data)
+        if isinstance(data.get("discover"), Mapping):
+            data["discover"] = DiscoverConfig.from_dict(data["discover"])
+        return config_from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class ClusterResult:
+    """Where discovery.json went, the discovery itself, and the document written."""
+
+    path: str
+    discovery: DiscoveryResult
+    document: dict[str, Any]
+
+
+def discovery_document(
+    result: DiscoveryResult,
+    *,
+    classes: list[str],
+    ids: list[str],
+    boxes: np.ndarray,
+    region_offsets: np.ndarray,
+    region_emb: np.ndarray,
+) -> dict[str, Any]:
+    """The discovery.json document: clusters ranked, each with its table, medoid and all its regions, best first."""
+    region_image = np.repeat(np.arange(len(ids)), np.diff(region_offsets))
+    clusters = []
+    for c in result.clusters:
+        clusters.append(
+            {
+                "rank": c.rank,
+                "class": classes[c.class_index] if c.class_index >= 0 else None,
+                "gap": c.gap,
+                "influence": c.influence,
+                "table": [
+                    {
+                        "class": classes[row.class_index],
+                        "acc_present": row.acc_present,
+                        "n_present": row.n_present,
+                        "acc_absent": row.acc_absent,
+                        "n_absent": row.n_absent,
+                    }
+                    for row in c.table
+                ],
+                "medoid": region_emb[c.medoid].astype(float).tolist(),
+                "regions": [
+                    {"image": ids[int(region_image[r])], "box": boxes[r].astype(float).tolist(), "similarity": float(s)}
+                    for r, s in zip(c.region_indices, c.similarities, strict=True)
+                ],
+            }
+        )
+    return {"k": result.k, "classes": classes, "clusters": clusters}
+
+
+def run_cluster(cfg: ClusterConfig, *, on_k: Callable[[dict[str, Any]], None] | None = None) -> ClusterResult:
+    """Discover spurious region clusters in a run directory and write ``OUT/discovery.json``.
+
+    Raises:
+        ShardError: not a complete run directory of this format.
+        ConfigError: images without labels, too few regions for the K sweep, bad embeddings.
+    """
+    run = read_run(cfg.run_dir)
+    data = run.data
+    unlabeled = np.flatnonzero(data.labels < 0)
+    if unlabeled.size:
+        raise ConfigError(
+            f"{cfg.run_dir}: {unlabeled.size} image(s) have no label (first: {data.ids[unlabeled[0]]}); discovery "
+            "needs a labelled validation set"
+        )
+    text = torch.from_numpy(run.text_emb)
+    image_probs = zero_shot_probs(torch.from_numpy(data.image_emb), text, temperature=cfg.temperature)
+    region_probs = zero_shot_probs(torch.from_numpy(data.region_emb), text, temperature=cfg.temperature)
+    result = run_discover(
+        cfg.discover,
+        data.region_emb,
+        data.num_regions,
+        data.labels,
+        image_probs,
+        region_probs,
+        seed=cfg.seed,
+        on_k=on_k,
+    )
+    document = discovery_document(
+        result,
+        classes=run.classes,
+        ids=data.ids,
+        boxes=data.boxes,
+        region_offsets=data.offsets,
+        region_emb=data.region_emb,
+    )
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / DISCOVERY_NAME
+    write_json_atomic(path, document)
+    return ClusterResult(path=str(path), discovery=result, document=document)

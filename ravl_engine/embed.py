@@ -1,0 +1,442 @@
+"""Stage ``embed``: images -> region proposals -> image and region embeddings -> a resumable run directory.
+
+One backbone pass per image batch (kernels/roi.py); shards are planned up front (``plan_shards``) and each is
+written by an idempotent worker that skips complete shards, so a killed or interrupted run resumes where it stopped
+and never duplicates an image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels.roi import region_embed, supported_modes
+from ravl_engine import __version__
+from ravl_engine.config import config_from_dict
+from ravl_engine.errors import ConfigError, ShardError
+from ravl_engine.manifest import ManifestRow, read_manifest, resolve_classes
+from ravl_engine.models import DEFAULT_MODEL, load_clip, sha256_file
+from ravl_engine.shards import (
+    FAILURES_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    TEXT_NAME,
+    ShardData,
+    ShardSpec,
+    load_run_manifest,
+    plan_shards,
+    write_json_atomic,
+    write_shard,
+    write_text,
+)
+from ravl_engine.zeroshot import DEFAULT_TEMPLATES, class_text_embeddings
+
+logger = logging.getLogger(__name__)
+
+REGION_MODES = ("auto", "roi", "roi-mean", "crop")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EmbedConfig:
+    """Options of ``ravl-engine embed``.
+
+    Attributes:
+        data: input manifest (CSV, JSONL or Parquet).
+        out: run directory to create or resume.
+        model: open_clip architecture or a shipped tiny config (default ``ravl-tiny-rn``).
+        pretrained: open_clip pretrained tag or local checkpoint file; None = random init.
+        proposer: registered proposer name (``quadrants``, ``grid``, ``manifest``, ``rpn``, ``yolo``, plugins).
+        proposer_options: keyword options of the proposer (``rows``/``cols`` for grid, ``weights`` for rpn/yolo...).
+        max_boxes, min_box_size, score_threshold, whole_image: box clean-up applied to every proposer.
+        region_mode: "auto" (roi where the tower supports it, else crop), "roi", "roi-mean" or "crop".
+        classes: class names (default: the classes file, else the sorted labels of the manifest).
+        classes_file: one class name per line.
+        templates: zero-shot prompt templates.
+        batch_size: images per backbone pass.
+        shard_size: images per shard file.
+        device: torch device.
+        num_workers: DataLoader worker processes for image decoding.
+    """
+
+    data: str
+    out: str
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = None
+    proposer: str = "quadrants"
+    proposer_options: Mapping[str, Any] = field(default_factory=dict)
+    max_boxes: int | None = None
+    min_box_size: float = 1.0
+    score_threshold: float | None = None
+    whole_image: bool = False
+    region_mode: str = "auto"
+    classes: tuple[str, ...] | None = None
+    classes_file: str | None = None
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    batch_size: int = 64
+    shard_size: int = 4096
+    device: str = "cpu"
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.region_mode not in REGION_MODES:
+            raise ConfigError(f"region_mode must be one of {', '.join(REGION_MODES)}, got {self.region_mode!r}")
+        if self.batch_size < 1 or self.shard_size < 1:
+            raise ConfigError(f"batch_size and shard_size must be >= 1, got {self.batch_size}, {self.shard_size}")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
+        if not self.templates or any("{}" not in t for t in self.templates):
+            raise ConfigError("every prompt template needs one '{}' where the class name goes")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EmbedConfig:
+        return config_from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """Summary of an embed run (also what the CLI prints)."""
+
+    run_dir: str
+    n_images: int
+    n_regions: int
+    n_failed: int
+    shards_written: int
+    shards_skipped: int
+    clipped_boxes: int
+    dropped_boxes: int
+    region_mode: str
+    seconds: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _Images(torch.utils.data.Dataset):
+    """Decodes manifest images to [3, H, W] float tensors in [0, 1]; failures come back as error strings."""
+
+    def __init__(self, rows: Sequence[ManifestRow]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[int, Tensor | None, str | None]:
+        from PIL import Image  # noqa: PLC0415
+
+        try:
+            with Image.open(self.rows[i].path) as img:
+                array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        except Exception as err:  # any decoding problem: skip the image, keep the run going
+            return i, None, f"{type(err).__name__}: {err}"
+        return i, torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0), None
+
+
+def _settings(cfg: EmbedConfig, classes: list[str], mode: str, checkpoint_sha: str | None, data_sha: str) -> dict:
+    """What a resumed run must share with the run that started the directory."""
+    return {
+        "model": {"name": cfg.model, "pretrained": cfg.pretrained, "checkpoint_sha256": checkpoint_sha},
+        "proposer": {
+            "name": cfg.proposer,
+            "options": dict(cfg.proposer_options),
+            "max_boxes": cfg.max_boxes,
+            "min_box_size": cfg.min_box_size,
+            "score_threshold": cfg.score_threshold,
+            "whole_image": cfg.whole_image,
+        },
+        "region_mode": mode,
+        "classes": classes,
+        "templates": list(cfg.templates),
+        "shard_size": cfg.shard_size,
+        "batch_size": cfg.batch_size,
+        "data": {"path": str(Path(cfg.data).resolve()), "sha256": data_sha},
+    }
+
+
+def _check_compatible(run_dir: Path, existing: dict, settings: dict) -> None:
+    for key, value in settings.items():
+        if key == "data":
+            if existing.get("data", {}).get("sha256") != value["sha256"]:
+                raise ShardError(
+                    f"{run_dir} was embedded from another manifest (sha256 differs); use a new --out directory"
+                )
+            continue
+        if json.loads(json.dumps(existing.get(key))) != json.loads(json.dumps(value)):
+            raise ShardError(
+                f"{run_dir} was written with {key} = {json.dumps(existing.get(key))}, not {json.dumps(value)}; "
+                "use a new --out directory or the original settings"
+            )
+
+
+def _region_labels_for(row: ManifestRow, boxes: Tensor, source: Tensor | None, proposer: str) -> list[str]:
+    """Ground-truth labels of the kept boxes: by index for the manifest proposer, else by IoU >= 0.5."""
+    if row.region_labels is None or row.boxes is None:
+        return [""] * boxes.shape[0]
+    if proposer == "manifest" and source is not None:
+        return [row.region_labels[int(s)] if s >= 0 else "" for s in source]
+    from torchvision.ops import box_iou  # noqa: PLC0415
+
+    if boxes.shape[0] == 0:
+        return []
+    iou = box_iou(boxes, torch.tensor(row.boxes, dtype=torch.float32))
+    best, idx = iou.max(dim=1)
+    return [row.region_labels[int(j)] if float(b) >= 0.5 else "" for b, j in zip(best, idx, strict=True)]
+
+
+def run_embed(
+    cfg: EmbedConfig,
+    *,
+    on_shard: Callable[[dict[str, Any]], None] | None = None,
+    on_images: Callable[[int], None] | None = None,
+) -> EmbedResult:
+    """Embed every image and region of ``cfg.data`` into the run directory ``cfg.out`` (resuming if present).
+
+    Args:
+        cfg: options.
+        on_shard: called after each shard is committed with its manifest entry (progress, tests).
+        on_images: called with the number of images handled after each batch (progress bars).
+
+    Returns:
+        EmbedResult.
+
+    Raises:
+        ConfigError: bad manifest, labels outside the classes, unknown model/proposer/mode, weights unavailable.
+        ShardError: ``cfg.out`` holds a run written with other settings or another format version.
+    """
+    from proposers import BoxFilter, build_proposer  # noqa: PLC0415
+
+    t_start = time.perf_counter()
+    seconds = {"read": 0.0, "propose": 0.0, "embed": 0.0, "write": 0.0}
+    rows = read_manifest(cfg.data)
+    classes = resolve_classes(rows, classes=cfg.classes, classes_file=cfg.classes_file)
+    run_dir = Path(cfg.out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file; give a directory")
+    existing = load_run_manifest(run_dir) if run_dir.exists() else None
+
+    try:
+        box_filter = BoxFilter(
+            max_boxes=cfg.max_boxes,
+            min_size=cfg.min_box_size,
+            score_threshold=cfg.score_threshold,
+            whole_image=cfg.whole_image,
+        )
+        proposer = build_proposer(cfg.proposer, box_filter=box_filter, **dict(cfg.proposer_options))
+    except (ValueError, TypeError, FileNotFoundError, ImportError, RuntimeError) as err:
+        raise ConfigError(f"proposer {cfg.proposer!r}: {err}") from err
+    if cfg.proposer == "manifest" and any(r.boxes is None for r in rows):
+        missing = next(i for i, r in enumerate(rows) if r.boxes is None)
+        raise ConfigError(f"proposer 'manifest' needs a 'boxes' value in every row; row {missing + 1} has none")
+
+    loaded = load_clip(cfg.model, cfg.pretrained, device=cfg.device)
+    visual = loaded.model.visual
+    modes = supported_modes(visual)
+    mode = modes[0] if cfg.region_mode == "auto" else cfg.region_mode
+    if mode not in modes:
+        raise ConfigError(f"region mode {mode!r} is not supported by {cfg.model}; use one of {', '.join(modes)}")
+    settings = _settings(cfg, classes, mode, loaded.checkpoint_sha256, sha256_file(cfg.data))
+    if existing is not None:
+        _check_compatible(run_dir, existing, settings)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    text = class_text_embeddings(loaded.model, loaded.tokenizer, classes, cfg.templates)
+    write_text(run_dir / TEXT_NAME, classes, text.numpy(), cfg.templates)
+    plan = plan_shards(len(rows), cfg.shard_size)
+    done = {e["file"]: e for e in (existing or {}).get("shards", [])}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "engine_version": __version__,
+        **settings,
+        "embedding_dim": int(text.shape[1]),
+        "dtype": "float32",
+        "image_size": loaded.image_size,
+        "n_images_planned": len(rows),
+        "shards": [],
+        "complete": False,
+    }
+    label_index = {c: i for i, c in enumerate(classes)}
+    mean = torch.tensor(loaded.mean).view(1, 3, 1, 1)
+    std = torch.tensor(loaded.std).view(1, 3, 1, 1)
+    size = loaded.image_size
+    written = skipped = 0
+    for spec in plan:
+        entry = done.get(spec.name)
+        path = run_dir / spec.name
+        if entry is not None and path.exists() and sha256_file(path) == entry["sha256"]:
+            manifest["shards"].append(entry)
+            skipped += 1
+            if on_images is not None:
+                on_images(spec.stop - spec.start)
+            continue
+        entry = _embed_shard(
+            spec,
+            rows,
+            path,
+            proposer=proposer,
+            proposer_name=cfg.proposer,
+            visual=visual,
+            mode=mode,
+            size=size,
+            mean=mean,
+            std=std,
+            label_index=label_index,
+            cfg=cfg,
+            seconds=seconds,
+            on_images=on_images,
+        )
+        manifest["shards"].append(entry)
+        write_json_atomic(run_dir / MANIFEST_NAME, manifest)
+        written += 1
+        if on_shard is not None:
+            on_shard(entry)
+    manifest["complete"] = True
+    failures = [f for e in manifest["shards"] for f in e.get("failures", [])]
+    failures_tmp = run_dir / (FAILURES_NAME + ".tmp")
+    failures_tmp.write_text("".join(json.dumps(f) + "\n" for f in failures), encoding="utf-8")
+    failures_tmp.replace(run_dir / FAILURES_NAME)
+    manifest["counts"] = {
+        "images": sum(e["n_images"] for e in manifest["shards"]),
+        "regions": sum(e["n_regions"] for e in manifest["shards"]),
+        "failed_images": len(failures),
+        "clipped_boxes": sum(e["clipped_boxes"] for e in manifest["shards"]),
+        "dropped_boxes": sum(e["dropped_boxes"] for e in manifest["shards"]),
+    }
+    write_json_atomic(run_dir / MANIFEST_NAME, manifest)
+    seconds["total"] = time.perf_counter() - t_start
+    counts = manifest["counts"]
+    return EmbedResult(
+        run_dir=str(run_dir),
+        n_images=counts["images"],
+        n_regions=counts["regions"],
+        n_failed=counts["failed_images"],
+        shards_written=written,
+        shards_skipped=skipped,
+        clipped_boxes=counts["clipped_boxes"],
+        dropped_boxes=counts["dropped_boxes"],
+        region_mode=mode,
+        seconds=seconds,
+    )
+
+
+@torch.no_grad()
+def _embed_shard(
+    spec: ShardSpec,
+    rows: Sequence[ManifestRow],
+    path: Path,
+    *,
+    proposer: Any,
+    proposer_name: str,
+    visual: Any,
+    mode: str,
+    size: int,
+    mean: Tensor,
+    std: Tensor,
+    label_index: dict[str, int],
+    cfg: EmbedConfig,
+    seconds: dict[str, float],
+    on_images: Callable[[int], None] | None,
+) -> dict[str, Any]:
+    """Embed the images of one shard and commit the shard file; returns its manifest entry."""
+    device = torch.device(cfg.device)
+    shard_rows = rows[spec.start : spec.stop]
+    loader = torch.utils.data.DataLoader(
+        _Images(shard_rows),
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        collate_fn=list,
+        pin_memory=device.type == "cuda",
+    )
+    ids: list[str] = []
+    labels: list[int] = []
+    image_embs: list[Tensor] = []
+    region_embs: list[Tensor] = []
+    all_boxes: list[Tensor] = []
+    all_scores: list[Tensor] = []
+    region_labels: list[str] = []
+    counts: list[int] = []
+    failures: list[dict[str, str]] = []
+    clipped = dropped = 0
+    t0 = time.perf_counter()
+    for batch in loader:
+        seconds["read"] += time.perf_counter() - t0
+        ok = []
+        for i, img, err in batch:
+            row = shard_rows[i]
+            if img is None:
+                failures.append({"image": row.image, "error": str(err)})
+            else:
+                ok.append((row, img))
+        if ok:
+            t0 = time.perf_counter()
+            proposals = []
+            for row, img in ok:  # images differ in size: propose one at a time, fixed layouts cost nothing
+                given = [torch.tensor(row.boxes, dtype=torch.float32).reshape(-1, 4)] if row.boxes is not None else None
+                proposals.append(proposer(img[None], boxes=given)[0])
+            seconds["propose"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            pixels = torch.stack(
+                [
+                    F.interpolate(img[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+                    for _, img in ok
+                ]
+            )
+            pixels = ((pixels - mean) / std).to(device)
+            scaled = []
+            for (_, img), prop in zip(ok, proposals, strict=True):
+                h, w = img.shape[-2:]
+                scale = torch.tensor([size / w, size / h, size / w, size / h])
+                scaled.append((prop.boxes * scale).to(device))
+            use_amp = device.type == "cuda"
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                img_emb, reg_emb = region_embed(visual, pixels, scaled, mode=mode)
+            image_embs.append(F.normalize(img_emb.float(), dim=-1).cpu())
+            region_embs.append(F.normalize(reg_emb.float(), dim=-1).cpu())
+            seconds["embed"] += time.perf_counter() - t0
+            for (row, _), prop in zip(ok, proposals, strict=True):
+                ids.append(row.image)
+                labels.append(label_index[row.label] if row.label is not None else -1)
+                all_boxes.append(prop.boxes)
+                all_scores.append(prop.scores)
+                counts.append(int(prop.boxes.shape[0]))
+                region_labels.extend(_region_labels_for(row, prop.boxes, prop.source, proposer_name))
+                clipped += prop.stats.get("clipped", 0)
+                dropped += prop.stats.get("dropped", 0)
+        if on_images is not None:
+            on_images(len(batch))
+        t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    dim = visual.output_dim
+    data = ShardData(
+        ids=ids,
+        labels=np.asarray(labels, dtype=np.int64),
+        image_emb=torch.cat(image_embs).numpy() if image_embs else np.zeros((0, dim), np.float32),
+        offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        boxes=torch.cat(all_boxes).numpy() if all_boxes else np.zeros((0, 4), np.float32),
+        region_emb=torch.cat(region_embs).numpy() if region_embs else np.zeros((0, dim), np.float32),
+        scores=torch.cat(all_scores).numpy() if all_scores else np.zeros(0, np.float32),
+        region_labels=region_labels if any(r.region_labels is not None for r in shard_rows) else None,
+    )
+    sha = write_shard(path, spec, data)
+    seconds["write"] += time.perf_counter() - t0
+    return {
+        "file": spec.name,
+        "index": spec.index,
+        "first_image": spec.start,
+        "n_planned": spec.stop - spec.start,
+        "n_images": len(ids),
+        "n_regions": int(sum(counts)),
+        "clipped_boxes": clipped,
+        "dropped_boxes": dropped,
+        "failures": failures,
+        "sha256": sha,
+    }
