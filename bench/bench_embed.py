@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
 
-    from kernels.roi import supported_modes
+    from kernels.roi import supported_modes, tower_kind
     from proposers.simple import grid_boxes
     from ravl_engine.models import load_clip
 
@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
         visual = loaded.model.visual
         size = loaded.image_size
         images = torch.randn(args.batch_size, 3, size, size, device=device)
+        if tower_kind(visual) == "resnet":  # as ravl-engine embed runs ResNet towers
+            visual.to(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=torch.channels_last)
         for grid in (int(g) for g in args.grids.split(",")):
             boxes = [grid_boxes(size, size, grid, grid).to(device) for _ in range(args.batch_size)]
             for mode in args.modes.split(","):

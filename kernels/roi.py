@@ -87,9 +87,9 @@ def resnet_roi_embed(visual: Any, images: Tensor, boxes: Sequence[Tensor]) -> tu
     """
     _check_boxes(images, boxes)
     maps = resnet_trunk(visual, images)
-    image_emb = resnet_head(visual, maps)
     grid = round(math.sqrt(visual.attnpool.positional_embedding.shape[0] - 1))
     if sum(b.shape[0] for b in boxes) == 0:
+        image_emb = resnet_head(visual, maps)
         return image_emb, image_emb.new_zeros(0, image_emb.shape[1])
     pooled = roi_align(
         maps,
@@ -99,7 +99,10 @@ def resnet_roi_embed(visual: Any, images: Tensor, boxes: Sequence[Tensor]) -> tu
         sampling_ratio=-1,
         aligned=True,
     )
-    return image_emb, resnet_head(visual, pooled)
+    if pooled.shape[-2:] == maps.shape[-2:]:  # square inputs: images and regions share one head pass
+        both = resnet_head(visual, torch.cat([maps, pooled.to(memory_format=torch.contiguous_format)]))
+        return both[: images.shape[0]], both[images.shape[0] :]
+    return resnet_head(visual, maps), resnet_head(visual, pooled)
 
 
 # ------------------------------------------------------------------------------------------------ ViT

@@ -199,3 +199,69 @@ def test_jsonl_manifest_and_crop_mode(tmp_path):
     assert result.region_mode == "crop" and result.n_regions == 10
     run = read_run(tmp_path / "run")
     assert Path(run.manifest["data"]["path"]).name == "manifest.jsonl"
+
+
+def _embed_and_die_after_two_shards(data: str, out: str) -> None:
+    """Child process: embed, and SIGKILL itself right after the second shard is committed."""
+    import os
+    import signal
+
+    calls = []
+
+    def die(entry):
+        calls.append(entry)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    run_embed(_cfg(data, out), on_shard=die)
+
+
+def test_a_killed_process_leaves_complete_shards_and_a_rerun_resumes(dataset, tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    child = ctx.Process(target=_embed_and_die_after_two_shards, args=(str(dataset), str(tmp_path / "killed")))
+    child.start()
+    child.join(120)
+    assert child.exitcode == -9  # killed, not finished
+    partial = json.loads((tmp_path / "killed" / "manifest.json").read_text())
+    assert partial["complete"] is False and [s["file"] for s in partial["shards"]] == [
+        "shard-00000.h5",
+        "shard-00001.h5",
+    ]
+    resumed = run_embed(_cfg(dataset, tmp_path / "killed"))
+    assert (resumed.shards_skipped, resumed.shards_written) == (2, 2)
+    run_embed(_cfg(dataset, tmp_path / "straight"))
+    a, b = read_run(tmp_path / "straight").data, read_run(tmp_path / "killed").data
+    assert a.ids == b.ids
+    for field in ("labels", "image_emb", "offsets", "boxes", "region_emb", "scores"):
+        assert np.array_equal(getattr(a, field), getattr(b, field)), field
+
+
+def test_parquet_manifest(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    csv_manifest = write_digit_dataset(tmp_path, n_images=4)
+    import csv
+
+    with open(csv_manifest, newline="") as fh:
+        records = list(csv.DictReader(fh))
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "manifest.parquet")
+    result = run_embed(_cfg(tmp_path / "manifest.parquet", tmp_path / "run"))
+    assert result.n_images == 4 and result.n_regions == 16
+
+
+def test_cli_embed_bad_input_is_one_line_and_nonzero(dataset, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,label\nimg/0000.png,7\n")
+    res = CliRunner().invoke(
+        main, ["embed", "--data", str(bad), "--out", str(tmp_path / "run"), "--classes", "0,1", "--no-progress"]
+    )
+    assert res.exit_code != 0
+    assert "label '7', which is not among the classes (0, 1)" in res.output
+    assert len([line for line in res.output.splitlines() if line.strip()]) == 1
+    res = CliRunner().invoke(
+        main, ["embed", "--data", str(dataset), "--out", str(tmp_path / "r2"), "--no-progress", "--proposer", "nope"]
+    )
+    assert res.exit_code != 0 and "unknown proposer 'nope'; choose one of" in res.output

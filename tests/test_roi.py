@@ -114,3 +114,14 @@ def test_modes_and_errors(towers, images):
         region_embed(towers["ravl-tiny-rn"], images, _whole(3), mode="pixels")
     with pytest.raises(ValueError, match="got 2 box tensors for 3 images"):
         region_embed(towers["ravl-tiny-rn"], images, _whole(2))
+
+
+@torch.no_grad()
+def test_channels_last_resnet_gives_the_same_embeddings(images):
+    visual = load_clip("ravl-tiny-rn").model.visual.eval()
+    boxes = _quadrants(3)
+    ref = region_embed(visual, images, boxes, mode="roi")
+    visual = visual.to(memory_format=torch.channels_last)
+    got = region_embed(visual, images.contiguous(memory_format=torch.channels_last), boxes, mode="roi")
+    for a, b in zip(ref, got, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
