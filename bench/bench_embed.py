@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", default="roi,crop")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=4, help="timed batches per repeat")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
@@ -56,19 +56,21 @@ def main(argv: list[str] | None = None) -> None:
             images = images.contiguous(memory_format=torch.channels_last)
         for grid in (int(g) for g in args.grids.split(",")):
             boxes = [grid_boxes(size, size, grid, grid).to(device) for _ in range(args.batch_size)]
-            for mode in args.modes.split(","):
-                if mode not in supported_modes(visual):
-                    continue
-                amp = args.dtype == "bfloat16"
+            modes = [m for m in args.modes.split(",") if m in supported_modes(visual)]
+            amp = args.dtype == "bfloat16"
+            times: dict[str, list[float]] = {m: [] for m in modes}
+            for mode in modes:
                 _timed(visual, images, boxes, mode, device, amp)  # warm-up
-                times = []
-                for _ in range(args.repeats):
+            # modes alternate inside every repeat, so drift in the machine's speed hits them alike
+            for _ in range(args.repeats):
+                for mode in modes:
                     t0 = time.perf_counter()
                     for _ in range(args.batches):
                         _timed(visual, images, boxes, mode, device, amp)
-                    times.append((time.perf_counter() - t0) / args.batches)
-                per_batch = statistics.median(times)
-                q = statistics.quantiles(times, n=4) if len(times) > 1 else [per_batch, per_batch, per_batch]
+                    times[mode].append((time.perf_counter() - t0) / args.batches)
+            for mode in modes:
+                per_batch = statistics.median(times[mode])
+                q = statistics.quantiles(times[mode], n=4) if len(times[mode]) > 1 else [per_batch] * 3
                 print(
                     json.dumps(
                         {

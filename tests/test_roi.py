@@ -125,3 +125,12 @@ def test_channels_last_resnet_gives_the_same_embeddings(images):
     got = region_embed(visual, images.contiguous(memory_format=torch.channels_last), boxes, mode="roi")
     for a, b in zip(ref, got, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_attention_pool_for_one_token_equals_open_clips_pool():
+    from kernels.roi import attention_pool
+
+    visual = load_clip("ravl-tiny-rn", init_seed=5).model.visual.eval()
+    x = torch.randn(7, visual.attnpool.k_proj.in_features, 2, 2, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(attention_pool(visual.attnpool, x), visual.attnpool(x), atol=1e-5, rtol=1e-4)
