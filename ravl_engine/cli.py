@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -26,6 +27,26 @@ def _emit(summary: dict[str, Any]) -> None:
     click.echo(json.dumps(summary, indent=2, default=float))
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def discovery_options(command: F) -> F:
+    """The options shared by every command that runs discovery."""
+    options = [
+        click.option("--seed", default=0, show_default=True, help="Seed of the k-medoids++ initialisation."),
+        click.option("--k", "k", type=int, default=None, help="Fixed number of clusters (default: silhouette sweep)."),
+        click.option("--clip-distance", is_flag=True, help="The released code's clipped cosine distance (O(N^2))."),
+        click.option("--strategy", type=click.Choice(["auto", "cached", "search"]), default="auto", show_default=True),
+        click.option("--backend", type=click.Choice(["auto", "torch", "faiss"]), default="auto", show_default=True),
+        click.option("--device", default=None, help="torch device (cpu, cuda, cuda:1); default cpu."),
+        click.option("--top", default=10, show_default=True, help="Regions per cluster in the printed summary."),
+        click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", "-V", prog_name="ravl-engine")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
@@ -39,14 +60,7 @@ def main(verbose: int) -> None:
 @main.command("discover")
 @click.argument("arrays", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), help="Write the full result here.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the k-medoids++ initialisation.")
-@click.option("--k", "k", type=int, default=None, help="Fixed number of clusters (default: silhouette sweep).")
-@click.option("--clip-distance", is_flag=True, help="The released code's clipped cosine distance (slow, O(N^2)).")
-@click.option("--strategy", type=click.Choice(["auto", "cached", "search"]), default="auto", show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "torch", "faiss"]), default="auto", show_default=True)
-@click.option("--device", default=None, help="torch device (cpu, cuda, cuda:1); default cpu.")
-@click.option("--top", default=10, show_default=True, help="Regions per cluster in the printed summary.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@discovery_options
 def discover_cmd(
     arrays: Path,
     out: Path | None,
@@ -171,14 +185,7 @@ def embed_cmd(**opts: Any) -> None:
 @main.command("cluster")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Directory for discovery.json.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--k", "k", type=int, default=None, help="Fixed number of clusters (default: silhouette sweep).")
-@click.option("--clip-distance", is_flag=True, help="The released code's clipped cosine distance (O(N^2)).")
-@click.option("--strategy", type=click.Choice(["auto", "cached", "search"]), default="auto", show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "torch", "faiss"]), default="auto", show_default=True)
-@click.option("--device", default=None, help="torch device for discovery (default cpu).")
-@click.option("--top", default=10, show_default=True, help="Regions per cluster in the printed summary.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@discovery_options
 def cluster_cmd(
     run_dir: str,
     out: str,

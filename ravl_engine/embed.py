@@ -26,7 +26,7 @@ from ravl_engine import __version__
 from ravl_engine.config import config_from_dict
 from ravl_engine.errors import ConfigError, ShardError
 from ravl_engine.manifest import ManifestRow, read_manifest, resolve_classes
-from ravl_engine.models import DEFAULT_MODEL, load_clip, sha256_file
+from ravl_engine.models import DEFAULT_MODEL, load_clip
 from ravl_engine.shards import (
     FAILURES_NAME,
     FORMAT_VERSION,
@@ -36,6 +36,7 @@ from ravl_engine.shards import (
     ShardSpec,
     load_run_manifest,
     plan_shards,
+    sha256_file,
     write_json_atomic,
     write_shard,
     write_text,

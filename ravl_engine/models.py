@@ -8,7 +8,6 @@ seconds with a message that says how to pass a local file.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
@@ -22,6 +21,7 @@ from urllib.parse import urlparse
 import torch
 
 from ravl_engine.errors import ConfigError
+from ravl_engine.shards import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -70,15 +70,6 @@ class LoadedModel:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-
-
-def sha256_file(path: str | Path, *, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _host_resolves(url: str, timeout: float) -> bool:

@@ -58,7 +58,9 @@ def pytest_configure(config):
 MNIST_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "mnist")
 
 
-def write_digit_dataset(folder, n_images: int = 24, *, seed: int = 0, classes=("0", "1", "2"), fmt: str = "csv"):
+def write_digit_dataset(
+    folder, n_images: int = 24, *, seed: int = 0, classes=("0", "1", "2"), fmt: str = "csv", mnist_dir=None
+):
     """Small controlled digit set on disk: 56 x 56 PNGs, a digit in one quadrant and a red square (p = 0.5) in another,
     with a manifest listing label, caption, quadrant boxes and region labels. Returns the manifest path."""
     import csv
@@ -73,10 +75,12 @@ def write_digit_dataset(folder, n_images: int = 24, *, seed: int = 0, classes=("
     try:
         from ravl_engine.data import load_mnist
 
-        digits, digit_labels = load_mnist(MNIST_DIR)
-    except Exception:  # shared data absent: blocky synthetic "digits"
-        digits = (rng.random((200, 28, 28)) > 0.6).astype(np.uint8) * 255
-        digit_labels = rng.integers(0, 10, 200)
+        digits, digit_labels = load_mnist(mnist_dir or MNIST_DIR)
+    except Exception:  # shared data absent: one random stroke pattern per digit class, with pixel noise
+        patterns = np.random.default_rng(12345).random((10, 28, 28)) > 0.6
+        digit_labels = np.repeat(np.arange(10), 40)
+        flips = rng.random((400, 28, 28)) < 0.05
+        digits = (patterns[digit_labels] ^ flips).astype(np.uint8) * 255
     quads = [[0, 0, 28, 28], [28, 0, 56, 28], [0, 28, 28, 56], [28, 28, 56, 56]]
     rows = []
     for i in range(n_images):
