@@ -159,7 +159,6 @@ def _settings(cfg: EmbedConfig, classes: list[str], mode: str, checkpoint_sha: s
         "classes": classes,
         "templates": list(cfg.templates),
         "shard_size": cfg.shard_size,
-        "batch_size": cfg.batch_size,
         "data": {"path": str(Path(cfg.data).resolve()), "sha256": data_sha},
     }
 
@@ -264,6 +263,7 @@ def run_embed(
         "dtype": "float32",
         "image_size": loaded.image_size,
         "n_images_planned": len(rows),
+        "batch_size": cfg.batch_size,  # informational: a resumed run may use another batch size
         "shards": [],
         "complete": False,
     }
