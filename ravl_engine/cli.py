@@ -234,5 +234,36 @@ def cluster_cmd(
     )
 
 
+@main.command("synth")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--source", default="sklearn", show_default=True, help="'sklearn' (offline) or a folder of idx files.")
+@click.option("--spurious-class", default=0, show_default=True, help="Class tied to the feature in training.")
+@click.option("--cramers-v", default=0.9, show_default=True, help="Feature-class association in training, in (0, 1).")
+@click.option("--n-train", default=2000, show_default=True)
+@click.option("--n-eval", default=500, show_default=True)
+@click.option("--classes", default=None, help="Comma-separated digits (default 0..9).")
+@click.option("--shape", default="square", show_default=True, help="square, disk, ring, triangle, stripes.")
+@click.option("--color", default="red", show_default=True, help="red, green, blue, yellow, magenta, cyan, white.")
+@click.option("--size", default=1.0, show_default=True, help="Feature size as a fraction of the cell.")
+@click.option("--grid", default=2, show_default=True, help="Cells per side.")
+@click.option("--cell", default=28, show_default=True, help="Cell size in pixels.")
+@click.option("--seed", default=0, show_default=True)
+def synth_cmd(**opts: Any) -> None:
+    """Build a controlled digit setting: train.csv (feature tied to a class) and eval.csv (independent, with boxes)."""
+    from ravl_engine.controlled import SynthConfig, run_synth  # noqa: PLC0415
+
+    classes = _split_csv(opts.pop("classes"))
+    try:
+        if classes is not None:
+            try:
+                opts["classes"] = tuple(int(c) for c in classes)
+            except ValueError as err:
+                raise click.BadParameter("classes must be digits like 0,3,8", param_hint="--classes") from err
+        result = run_synth(SynthConfig(**opts))
+    except RavlEngineError as err:
+        raise click.ClickException(str(err)) from err
+    _emit(result.to_dict())
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,304 @@
+"""Controlled digit datasets with a planted spurious feature (RaVL's controlled evaluation).
+
+Images are a grid of cells (default 2 x 2 cells of 28 px): one cell holds a digit, another may hold the spurious
+feature (a coloured shape), the rest are black. In fine-tuning sets the feature is tied to one class with a requested
+Cramer's V; in evaluation sets it appears with probability 0.5 independently of the class. Manifests follow the
+embedding engine's format: evaluation rows carry every cell as a box with its region label (the digit's class name,
+the feature's name, or "none").
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ravl_engine.errors import ConfigError
+
+SHAPES = ("square", "disk", "ring", "triangle", "stripes")
+COLORS = {
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "magenta": (255, 0, 255),
+    "cyan": (0, 255, 255),
+    "white": (255, 255, 255),
+}
+CAPTION_TEMPLATES = (
+    "the image shows a {}",
+    "the digit appears to be {}",
+    "there is an image showing a {}",
+    "the number is a {}",
+)
+
+
+def _v_from_counts(a: float, b: float, d: float, e: float) -> float:
+    """Cramer's V of the 2 x 2 table [[a, b], [d, e]] (feature present / absent x class / other)."""
+    denom = math.sqrt((a + b) * (d + e) * (a + d) * (b + e))
+    return abs(a * e - b * d) / denom if denom > 0 else 0.0
+
+
+def cramers_v(feature: np.ndarray, is_class: np.ndarray) -> float:
+    """Cramer's V (= |phi| for a 2 x 2 table) between two boolean arrays; 0 when a margin is empty."""
+    f, c = np.asarray(feature, bool), np.asarray(is_class, bool)
+    return _v_from_counts(float(np.sum(f & c)), float(np.sum(f & ~c)), float(np.sum(~f & c)), float(np.sum(~f & ~c)))
+
+
+def feature_counts(n_class: int, n_other: int, target_v: float) -> tuple[int, int]:
+    """How many images of the class (x) and of the other classes (y) show the feature so that Cramer's V is closest
+    to ``target_v``; among equally close tables, the one with the feature on the most class images."""
+    best: tuple[float, int, int] | None = None
+    for x in range(1, n_class + 1):
+        # with x fixed, V falls as y grows from 0 (while y / n_other < x / n_class): bisect for the target
+        lo, hi = 0, n_other * x // n_class
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _v_from_counts(x, mid, n_class - x, n_other - mid) > target_v:
+                lo = mid + 1
+            else:
+                hi = mid
+        for y in (lo - 1, lo):
+            if 0 <= y <= n_other:
+                gap = abs(_v_from_counts(x, y, n_class - x, n_other - y) - target_v)
+                if best is None or gap < best[0] - 1e-12 or (abs(gap - best[0]) <= 1e-12 and x > best[1]):
+                    best = (gap, x, y)
+    assert best is not None
+    return best[1], best[2]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SynthConfig:
+    """Options of ``ravl-engine synth``.
+
+    Attributes:
+        out: output folder (images under ``train/`` and ``eval/``, manifests ``train.csv`` and ``eval.csv``).
+        source: "sklearn" (scikit-learn's bundled 8 x 8 digits, upscaled; offline) or a folder of MNIST-style idx
+            files (``t10k-images-idx3-ubyte.gz`` ...).
+        spurious_class: the class tied to the feature in the fine-tuning set.
+        cramers_v: the association strength in the fine-tuning set, in (0, 1).
+        n_train, n_eval: images per set.
+        classes: the digit classes used (default 0..9).
+        shape, color, size: the feature: one of SHAPES, one of COLORS, fraction of the cell (0, 1].
+        grid, cell: cells per side and cell size in pixels.
+        eval_feature_p: probability of the feature in the evaluation set (independent of the class).
+        seed: everything is drawn from this seed.
+    """
+
+    out: str
+    source: str = "sklearn"
+    spurious_class: int = 0
+    cramers_v: float = 0.9
+    n_train: int = 2000
+    n_eval: int = 500
+    classes: tuple[int, ...] = tuple(range(10))
+    shape: str = "square"
+    color: str = "red"
+    size: float = 1.0
+    grid: int = 2
+    cell: int = 28
+    eval_feature_p: float = 0.5
+    seed: int = 0
+    captions: tuple[str, ...] = field(default=CAPTION_TEMPLATES)
+
+    def __post_init__(self) -> None:
+        if self.shape not in SHAPES:
+            raise ConfigError(f"unknown shape {self.shape!r}; choose one of {', '.join(SHAPES)}")
+        if self.color not in COLORS:
+            raise ConfigError(f"unknown colour {self.color!r}; choose one of {', '.join(COLORS)}")
+        if not 0 < self.cramers_v < 1:
+            raise ConfigError(f"cramers_v must be in (0, 1), got {self.cramers_v}")
+        if not 0 < self.size <= 1:
+            raise ConfigError(f"size must be in (0, 1], got {self.size}")
+        if self.grid < 2:
+            raise ConfigError(f"grid must be >= 2 (a digit cell and a feature cell), got {self.grid}")
+        if self.cell < 8:
+            raise ConfigError(f"cell must be >= 8 pixels, got {self.cell}")
+        if self.spurious_class not in self.classes:
+            raise ConfigError(f"spurious_class {self.spurious_class} is not among the classes {list(self.classes)}")
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise ConfigError(f"classes must be at least 2 distinct digits, got {list(self.classes)}")
+        if self.n_train < 2 * len(self.classes) or self.n_eval < 2 * len(self.classes):
+            raise ConfigError(f"n_train and n_eval must be >= 2 per class ({2 * len(self.classes)})")
+        if not 0 < self.eval_feature_p < 1:
+            raise ConfigError(f"eval_feature_p must be in (0, 1), got {self.eval_feature_p}")
+
+
+def load_digits_source(source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Grey digits [N, 28, 28] uint8 and labels [N] from ``source`` ("sklearn" or an idx folder)."""
+    if source == "sklearn":
+        from sklearn.datasets import load_digits  # noqa: PLC0415
+
+        bunch = load_digits()
+        small = (bunch.images / 16.0 * 255).astype(np.float32)  # 8 x 8, 0..255
+        import torch  # noqa: PLC0415
+
+        big = torch.nn.functional.interpolate(torch.from_numpy(small)[:, None], size=(28, 28), mode="bilinear")
+        return big[:, 0].clamp(0, 255).round().to(torch.uint8).numpy(), bunch.target.astype(np.int64)
+    from ravl_engine.data import load_mnist  # noqa: PLC0415
+
+    if not Path(source).is_dir():
+        raise ConfigError(f"--source {source!r} is neither 'sklearn' nor a folder of idx files")
+    try:
+        return load_mnist(source)
+    except ConfigError:
+        return load_mnist(source, split="train")
+
+
+def feature_patch(shape: str, color: str, size: int) -> np.ndarray:
+    """[size, size, 3] uint8 RGB patch of the shape on black."""
+    rgb = np.array(COLORS[color], dtype=np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    c = size / 2
+    r = np.hypot(xx - c, yy - c)
+    if shape == "square":
+        mask = np.ones((size, size), bool)
+    elif shape == "disk":
+        mask = r <= c
+    elif shape == "ring":
+        mask = (r <= c) & (r >= 0.6 * c)
+    elif shape == "triangle":  # apex at the top centre, base along the bottom edge
+        mask = yy >= 2 * np.abs(xx - c)
+    else:  # stripes
+        mask = (np.floor(yy / max(1, size // 7)) % 2) == 0
+    patch = np.zeros((size, size, 3), dtype=np.uint8)
+    patch[mask] = rgb
+    return patch
+
+
+def _compose(
+    digit: np.ndarray, digit_cell: int, feature_cell: int | None, patch: np.ndarray, cfg: SynthConfig
+) -> np.ndarray:
+    side = cfg.grid * cfg.cell
+    img = np.zeros((side, side, 3), dtype=np.uint8)
+    dy, dx = divmod(digit_cell, cfg.grid)
+    if cfg.cell != 28:
+        import torch  # noqa: PLC0415
+
+        t = torch.nn.functional.interpolate(
+            torch.from_numpy(digit).float()[None, None], size=(cfg.cell, cfg.cell), mode="bilinear"
+        )
+        digit = t[0, 0].clamp(0, 255).round().to(torch.uint8).numpy()
+    img[dy * cfg.cell : (dy + 1) * cfg.cell, dx * cfg.cell : (dx + 1) * cfg.cell] = digit[:, :, None]
+    if feature_cell is not None:
+        fy, fx = divmod(feature_cell, cfg.grid)
+        off = (cfg.cell - patch.shape[0]) // 2
+        y0, x0 = fy * cfg.cell + off, fx * cfg.cell + off
+        img[y0 : y0 + patch.shape[0], x0 : x0 + patch.shape[1]] = patch
+    return img
+
+
+def _cells(cfg: SynthConfig) -> list[list[int]]:
+    return [
+        [c * cfg.cell, r * cfg.cell, (c + 1) * cfg.cell, (r + 1) * cfg.cell]
+        for r in range(cfg.grid)
+        for c in range(cfg.grid)
+    ]
+
+
+@dataclass(frozen=True)
+class SynthResult:
+    """What synth wrote and the realised association."""
+
+    train_manifest: str
+    eval_manifest: str
+    n_train: int
+    n_eval: int
+    realised_cramers_v_train: float
+    realised_cramers_v_eval: float
+    feature: str
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict  # noqa: PLC0415
+
+        return asdict(self)
+
+
+def run_synth(cfg: SynthConfig) -> SynthResult:
+    """Write the fine-tuning and evaluation sets of one controlled setting.
+
+    Raises:
+        ConfigError: bad options, an unreadable source, or a class with too few source digits for the request
+            (checked before any file is written).
+    """
+    from PIL import Image  # noqa: PLC0415
+
+    digits, labels = load_digits_source(cfg.source)
+    rng = np.random.default_rng(cfg.seed)
+    classes = list(cfg.classes)
+    pools = {c: np.flatnonzero(labels == c) for c in classes}
+    for c, pool in pools.items():
+        if pool.size < 2:
+            raise ConfigError(f"source {cfg.source!r} has {pool.size} images of class {c}; each class needs at least 2")
+    # disjoint digit images for the two sets: the first 70% of each class pool trains, the rest evaluates
+    split = {c: (p[: max(1, int(0.7 * p.size))], p[max(1, int(0.7 * p.size)) :]) for c, p in pools.items()}
+    patch = feature_patch(cfg.shape, cfg.color, max(2, round(cfg.size * cfg.cell)))
+    feature_name = f"{cfg.color} {cfg.shape}"
+    out = Path(cfg.out)
+    cells = _cells(cfg)
+    n_cells = cfg.grid * cfg.grid
+    realised = {}
+    paths = {}
+    for part, n in (("train", cfg.n_train), ("eval", cfg.n_eval)):
+        y = np.array([classes[i % len(classes)] for i in range(n)])
+        rng.shuffle(y)
+        is_class = y == cfg.spurious_class
+        if part == "train":
+            x, z = feature_counts(int(is_class.sum()), int((~is_class).sum()), cfg.cramers_v)
+            present = np.zeros(n, bool)
+            present[rng.choice(np.flatnonzero(is_class), x, replace=False)] = True
+            present[rng.choice(np.flatnonzero(~is_class), z, replace=False)] = True
+        else:
+            present = rng.random(n) < cfg.eval_feature_p
+        realised[part] = cramers_v(present, is_class)
+        (out / part).mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i in range(n):
+            pool = split[int(y[i])][0 if part == "train" else 1]
+            digit = digits[int(rng.choice(pool))]
+            order = rng.permutation(n_cells)
+            feature_cell = int(order[1]) if present[i] else None
+            img = _compose(digit, int(order[0]), feature_cell, patch, cfg)
+            name = f"{part}/{i:06d}.png"
+            Image.fromarray(img).save(out / name)
+            region_labels = ["none"] * n_cells
+            region_labels[int(order[0])] = str(int(y[i]))
+            if feature_cell is not None:
+                region_labels[feature_cell] = feature_name
+            row = {
+                "image": name,
+                "label": str(int(y[i])),
+                "caption": cfg.captions[int(rng.integers(len(cfg.captions)))].format(int(y[i])),
+                "split": part,
+            }
+            if part == "eval":
+                row["boxes"] = json.dumps(cells)
+                row["region_labels"] = json.dumps(region_labels)
+            rows.append(row)
+        path = out / f"{part}.csv"
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(path)
+        paths[part] = str(path)
+    return SynthResult(
+        train_manifest=paths["train"],
+        eval_manifest=paths["eval"],
+        n_train=cfg.n_train,
+        n_eval=cfg.n_eval,
+        realised_cramers_v_train=realised["train"],
+        realised_cramers_v_eval=realised["eval"],
+        feature=feature_name,
+    )
+
+
+def class_names(classes: Sequence[int]) -> list[str]:
+    return [str(c) for c in classes]
