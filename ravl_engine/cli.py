@@ -265,5 +265,34 @@ def synth_cmd(**opts: Any) -> None:
     _emit(result.to_dict())
 
 
+@main.command("finetune")
+@click.option("--train", "train", required=True, type=click.Path(dir_okay=False), help="Captioned manifest.")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Checkpoint file to write.")
+@click.option("--model", default="ravl-tiny-rn", show_default=True)
+@click.option("--pretrained", default=None, help="Start from this tag or checkpoint (default: from scratch).")
+@click.option("--epochs", default=8, show_default=True)
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--lr", type=float, default=None, help="Default 1e-3 from scratch, 5e-5 from pretrained weights.")
+@click.option("--freeze-text/--train-text", default=None, help="Default: freeze when starting from weights.")
+@click.option("--val-fraction", default=0.1, show_default=True)
+@click.option("--patience", default=2, show_default=True, help="Epochs without validation gain before stopping.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def finetune_cmd(progress: bool, **opts: Any) -> None:
+    """CLIP contrastive fine-tuning with early stopping; the checkpoint loads with embed --pretrained."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    from ravl_engine.finetune import FinetuneConfig, run_finetune  # noqa: PLC0415
+
+    try:
+        cfg = FinetuneConfig(**opts)
+        with tqdm(total=cfg.epochs, desc="finetune", unit="epoch", file=sys.stderr, disable=not progress) as bar:
+            result = run_finetune(cfg, on_epoch=lambda _e: bar.update(1))
+    except RavlEngineError as err:
+        raise click.ClickException(str(err)) from err
+    _emit(result.to_dict())
+
+
 if __name__ == "__main__":
     main()

@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from kernels.loss import clip_loss
+from ravl_engine.errors import ConfigError
+from ravl_engine.manifest import read_manifest, resolve_classes
+from ravl_engine.models import load_clip
+from ravl_engine.zeroshot import DEFAULT_TEMPLATES, class_text_embeddings, zero_shot_probs
 
 logger = logging.getLogger(__name__)
+
+
+def make_optimizer(model: Any, *, lr: float, weight_decay: float, freeze_text: bool) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; with ``freeze_text`` everything outside the image tower is frozen."""
+    params = []
+    for name, p in model.named_parameters():
+        trainable = not (freeze_text and not name.startswith("visual."))
+        p.requires_grad_(trainable)
+        if trainable:
+            params.append(p)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def train_clip(
@@ -26,6 +47,7 @@ def train_clip(
     weight_decay: float = 0.1,
     freeze_text: bool = False,
     seed: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
     """Fine-tune ``model`` in place on (image, caption) pairs with the CLIP loss.
@@ -38,6 +60,7 @@ def train_clip(
         epochs, batch_size, lr, weight_decay: AdamW training schedule (constant learning rate).
         freeze_text: keep the text tower fixed (the paper's setting for pretrained models).
         seed: shuffling seed.
+        optimizer: an optimizer to continue with (from :func:`make_optimizer`); default a new AdamW.
         on_epoch: called with each epoch's stats.
 
     Returns:
@@ -47,11 +70,7 @@ def train_clip(
         raise ValueError(f"{images.shape[0]} images but {len(captions)} captions")
     device = next(model.parameters()).device
     tokens = tokenizer(list(captions))
-    text_params = {id(p) for name, p in model.named_parameters() if not name.startswith("visual.")}
-    params = [p for p in model.parameters() if not (freeze_text and id(p) in text_params)]
-    for p in model.parameters():
-        p.requires_grad_(not (freeze_text and id(p) in text_params))
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = optimizer or make_optimizer(model, lr=lr, weight_decay=weight_decay, freeze_text=freeze_text)
     generator = torch.Generator().manual_seed(seed)
     history = []
     model.train()
@@ -79,3 +98,167 @@ def train_clip(
             on_epoch(stats)
     model.eval()
     return history
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FinetuneConfig:
+    """Options of ``ravl-engine finetune``.
+
+    Attributes:
+        train: manifest with ``image`` and ``caption`` (and ``label`` for early stopping on zero-shot accuracy).
+        out: checkpoint file to write (records its architecture; loadable by ``embed --pretrained``).
+        model, pretrained: starting point (default: the tiny ResNet CLIP from scratch).
+        epochs, batch_size, lr, weight_decay: AdamW schedule. ``lr`` None = 1e-3 from scratch, 5e-5 from weights.
+        freeze_text: None = freeze the text tower when starting from pretrained weights (the paper), train both
+            towers from scratch.
+        val_fraction: share of the images held out for early stopping.
+        patience: stop after this many epochs without improvement on the validation split.
+        templates: zero-shot templates for the validation accuracy.
+        seed, device: as everywhere.
+    """
+
+    train: str
+    out: str
+    model: str = "ravl-tiny-rn"
+    pretrained: str | None = None
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float | None = None
+    weight_decay: float = 0.1
+    freeze_text: bool | None = None
+    val_fraction: float = 0.1
+    patience: int = 2
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ConfigError(f"need epochs >= 1 and batch_size >= 2, got {self.epochs}, {self.batch_size}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.patience < 1:
+            raise ConfigError(f"patience must be >= 1, got {self.patience}")
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    checkpoint: str
+    best_epoch: int
+    best_val: float
+    val_metric: str
+    history: list[dict[str, float]]
+    n_train: int
+    n_val: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_images(paths: Sequence[Path], *, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Decode, resize (no crop) and normalise images: [N, 3, size, size] float32.
+
+    Raises:
+        ConfigError: an image cannot be read (names the file).
+    """
+    from PIL import Image  # noqa: PLC0415
+
+    out = torch.empty(len(paths), 3, size, size)
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as img:
+                array = np.array(img.convert("RGB"), dtype=np.uint8)
+        except Exception as err:
+            raise ConfigError(f"{path}: cannot read the image ({type(err).__name__}: {err})") from err
+        t = torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)[None]
+        out[i] = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", antialias=True)[0]
+    return (out - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def run_finetune(cfg: FinetuneConfig, *, on_epoch: Callable[[dict[str, float]], None] | None = None) -> FinetuneResult:
+    """Fine-tune a CLIP model on a captioned manifest with early stopping; write the best checkpoint atomically."""
+    t0 = time.perf_counter()
+    rows = read_manifest(cfg.train)
+    missing = [i for i, r in enumerate(rows) if r.caption is None]
+    if missing:
+        raise ConfigError(f"{cfg.train}: row {missing[0] + 1} has no caption; finetuning needs a 'caption' column")
+    labelled = all(r.label is not None for r in rows)
+    classes = resolve_classes(rows) if labelled else []
+    loaded = load_clip(cfg.model, cfg.pretrained, device=cfg.device, init_seed=cfg.seed)
+    freeze_text = cfg.freeze_text if cfg.freeze_text is not None else cfg.pretrained is not None
+    lr = cfg.lr if cfg.lr is not None else (1e-3 if cfg.pretrained is None else 5e-5)
+    images = load_images([r.path for r in rows], size=loaded.image_size, mean=loaded.mean, std=loaded.std)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed))
+    n_val = max(1, int(round(cfg.val_fraction * len(rows))))
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    if train_idx.numel() < 2:
+        raise ConfigError(f"{cfg.train}: too few images ({len(rows)}) to hold out {n_val} for validation")
+    captions = [rows[i].caption or "" for i in train_idx.tolist()]
+    model = loaded.model
+    label_of = {c: i for i, c in enumerate(classes)}
+    val_labels = torch.tensor([label_of[rows[i].label] for i in val_idx.tolist()]) if labelled else None  # type: ignore[index]
+    val_captions = [rows[i].caption or "" for i in val_idx.tolist()]
+
+    @torch.no_grad()
+    def validate() -> float:
+        model.eval()
+        emb = model.encode_image(images[val_idx].to(cfg.device)).float().cpu()
+        if val_labels is not None:
+            text = class_text_embeddings(model, loaded.tokenizer, classes, cfg.templates)
+            return float((zero_shot_probs(emb, text).argmax(1) == val_labels).float().mean())
+        txt = model.encode_text(loaded.tokenizer(val_captions).to(cfg.device)).float().cpu()
+        return -float(clip_loss(emb, txt, model.logit_scale.exp().cpu()))
+
+    metric = "zero_shot_accuracy" if labelled else "neg_clip_loss"
+    best = (validate(), 0)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+
+    def save(epoch: int, value: float) -> None:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        torch.save({"arch": cfg.model, "state_dict": state, "epoch": epoch, metric: value}, tmp)
+        os.replace(tmp, out)
+
+    save(0, best[0])
+    history: list[dict[str, float]] = []
+    stale = 0
+    optimizer = make_optimizer(model, lr=lr, weight_decay=cfg.weight_decay, freeze_text=freeze_text)
+    for epoch in range(1, cfg.epochs + 1):
+        stats = train_clip(
+            model,
+            loaded.tokenizer,
+            images[train_idx],
+            captions,
+            epochs=1,
+            batch_size=cfg.batch_size,
+            lr=lr,
+            seed=cfg.seed + epoch,
+            optimizer=optimizer,
+        )[0]
+        value = validate()
+        entry = {"epoch": float(epoch), "loss": stats["loss"], metric: value}
+        history.append(entry)
+        if on_epoch is not None:
+            on_epoch(entry)
+        if value > best[0]:
+            best, stale = (value, epoch), 0
+            save(epoch, value)
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                logger.info("early stop after epoch %d (best epoch %d)", epoch, best[1])
+                break
+    return FinetuneResult(
+        checkpoint=str(out),
+        best_epoch=best[1],
+        best_val=best[0],
+        val_metric=metric,
+        history=history,
+        n_train=int(train_idx.numel()),
+        n_val=n_val,
+        seconds=time.perf_counter() - t0,
+    )
