@@ -294,5 +294,80 @@ def finetune_cmd(progress: bool, **opts: Any) -> None:
     _emit(result.to_dict())
 
 
+@main.command("evaluate")
+@click.option(
+    "--data", "data", required=True, type=click.Path(dir_okay=False), help="Evaluation manifest (boxes, region_labels)."
+)
+@click.option("--pretrained", default=None, help="Checkpoint or tag of the model to evaluate.")
+@click.option("--model", default="ravl-tiny-rn", show_default=True)
+@click.option(
+    "--discovery", "discovery", default=None, type=click.Path(dir_okay=False), help="discovery.json to score."
+)
+@click.option("--feature", default=None, help="Region label of the spurious feature (default: the only non-class one).")
+@click.option("--spurious-class", default=None, help="Class tested against the feature (default: largest gap).")
+@click.option(
+    "--work",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Run directory for the embeddings (default: a temporary one).",
+)
+@click.option("--device", default="cpu", show_default=True)
+def evaluate_cmd(
+    data: str,
+    pretrained: str | None,
+    model: str,
+    discovery: str | None,
+    feature: str | None,
+    spurious_class: str | None,
+    work: str | None,
+    device: str,
+) -> None:
+    """Image / region overall and worst-group zero-shot accuracy, validity gaps, and Precision@k of a discovery."""
+    import tempfile  # noqa: PLC0415
+
+    from ravl_engine.embed import EmbedConfig, run_embed  # noqa: PLC0415
+    from ravl_engine.evaluate import run_evaluate  # noqa: PLC0415
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            run_dir = work or str(Path(tmp) / "run")
+            run_embed(
+                EmbedConfig(
+                    data=data, out=run_dir, model=model, pretrained=pretrained, proposer="manifest", device=device
+                )
+            )
+            result = run_evaluate(run_dir, discovery_path=discovery, feature=feature, spurious_class=spurious_class)
+    except RavlEngineError as err:
+        raise click.ClickException(str(err)) from err
+    _emit(result.to_dict())
+
+
+@main.command("demo")
+@click.option("--out", "out", default="ravl-demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--source", default="sklearn", show_default=True, help="'sklearn' (offline) or a folder of idx files.")
+@click.option("--spurious-class", default=3, show_default=True)
+@click.option("--cramers-v", default=0.9, show_default=True)
+@click.option("--n-train", default=3000, show_default=True)
+@click.option("--n-eval", default=1000, show_default=True)
+@click.option("--epochs", default=6, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def demo_cmd(**opts: Any) -> None:
+    """Plant a red square on one digit class, fine-tune a tiny CLIP, and let RaVL find it (offline, ~1 min on CPU)."""
+    from ravl_engine.demo import DemoConfig, run_demo  # noqa: PLC0415
+
+    try:
+        summary = run_demo(DemoConfig(**opts), on_step=lambda name: click.echo(f"[demo] {name}", err=True))
+    except RavlEngineError as err:
+        raise click.ClickException(str(err)) from err
+    found = summary["found"]
+    click.echo(
+        f"[demo] planted {summary['planted']['feature']!r} on class {summary['planted']['class']}; top cluster: class "
+        f"{found['class']}, Precision@10 {found['precision_at_10']}; discovery: {summary['paths']['discovery']}",
+        err=True,
+    )
+    _emit(summary)
+
+
 if __name__ == "__main__":
     main()
