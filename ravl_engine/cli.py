@@ -214,9 +214,13 @@ def cluster_cmd(
     except RavlEngineError as err:
         raise click.ClickException(str(err)) from err
     doc = result.document
+    from ravl_engine.report import summary_table  # noqa: PLC0415
+
+    click.echo(summary_table(doc), err=True)
     _emit(
         {
             "discovery": result.path,
+            "report": result.report,
             "k": doc["k"],
             "classes": doc["classes"],
             "clusters": [

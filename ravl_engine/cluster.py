@@ -14,12 +14,14 @@ import torch
 from ravl_engine.config import DiscoverConfig, config_from_dict
 from ravl_engine.discover import DiscoveryResult, run_discover
 from ravl_engine.errors import ConfigError
+from ravl_engine.report import write_report
 from ravl_engine.shards import read_run, write_json_atomic
 from ravl_engine.zeroshot import TEMPERATURE, zero_shot_probs
 
 logger = logging.getLogger(__name__)
 
 DISCOVERY_NAME = "discovery.json"
+REPORT_NAME = "report.html"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -31,6 +33,7 @@ class ClusterConfig:
         out: output directory for ``discovery.json``.
         seed: k-medoids++ seed.
         temperature: zero-shot softmax temperature (0.07).
+        report: also write ``report.html`` (montages of each cluster's top regions, cut from the images).
         discover: discovery options.
     """
 
@@ -38,6 +41,7 @@ class ClusterConfig:
     out: str
     seed: int = 0
     temperature: float = TEMPERATURE
+    report: bool = True
     discover: DiscoverConfig = field(default_factory=DiscoverConfig)
 
     def __post_init__(self) -> None:
@@ -59,6 +63,7 @@ class ClusterResult:
     path: str
     discovery: DiscoveryResult
     document: dict[str, Any]
+    report: str | None = None
 
 
 def discovery_document(
@@ -140,4 +145,8 @@ def run_cluster(cfg: ClusterConfig, *, on_k: Callable[[dict[str, Any]], None] | 
     out.mkdir(parents=True, exist_ok=True)
     path = out / DISCOVERY_NAME
     write_json_atomic(path, document)
-    return ClusterResult(path=str(path), discovery=result, document=document)
+    report = None
+    if cfg.report:
+        folder = Path(run.manifest.get("data", {}).get("path", ".")).parent
+        report = str(write_report(document, out / REPORT_NAME, image_folder=folder))
+    return ClusterResult(path=str(path), discovery=result, document=document, report=report)

@@ -265,3 +265,48 @@ def test_cli_embed_bad_input_is_one_line_and_nonzero(dataset, tmp_path):
         main, ["embed", "--data", str(dataset), "--out", str(tmp_path / "r2"), "--no-progress", "--proposer", "nope"]
     )
     assert res.exit_code != 0 and "unknown proposer 'nope'; choose one of" in res.output
+
+
+def test_cluster_writes_a_report_that_parses_and_whose_images_decode(dataset, tmp_path):
+    import base64
+    import io
+    from html.parser import HTMLParser
+
+    from PIL import Image
+
+    from ravl_engine.report import render_report, summary_table
+
+    run_embed(_cfg(dataset, tmp_path / "run"))
+    result = run_cluster(
+        ClusterConfig(
+            run_dir=str(tmp_path / "run"),
+            out=str(tmp_path / "out"),
+            discover=DiscoverConfig(k=6, influence_threshold=float("-inf"), two_sign_rule=False),
+        )
+    )
+    assert result.document["clusters"], "with the filter off every non-empty cluster is reported"
+    html_text = Path(result.report).read_text()
+
+    class Collector(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.images, self.tags = [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+            if tag == "img":
+                self.images.append(dict(attrs)["src"])
+
+    parser = Collector()
+    parser.feed(html_text)
+    assert "table" in parser.tags and "svg" in parser.tags
+    assert len(parser.images) == min(10, len(result.document["clusters"]))
+    for src in parser.images:
+        assert src.startswith("data:image/png;base64,")
+        img = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+        img.load()
+        assert img.size[0] > 0
+    assert "#1: class" in html_text
+    assert summary_table(result.document).splitlines()[0].split()[:2] == ["rank", "class"]
+    empty = render_report({"k": 3, "clusters": []}, image_folder=tmp_path)
+    assert "No spurious region cluster was found" in empty
