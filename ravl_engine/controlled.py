@@ -79,8 +79,9 @@ class SynthConfig:
 
     Attributes:
         out: output folder (images under ``train/`` and ``eval/``, manifests ``train.csv`` and ``eval.csv``).
-        source: "sklearn" (scikit-learn's bundled 8 x 8 digits, upscaled; offline) or a folder of MNIST-style idx
-            files (``t10k-images-idx3-ubyte.gz`` ...).
+        source: "sklearn" (scikit-learn's bundled 8 x 8 digits, upscaled; offline), a folder of MNIST-style idx
+            files (``t10k-images-idx3-ubyte.gz`` ...; MNIST or Fashion-MNIST), or "torchvision:mnist" /
+            "torchvision:fashion-mnist" (downloaded once through torchvision).
         spurious_class: the class tied to the feature in the fine-tuning set.
         cramers_v: the association strength in the fine-tuning set, in (0, 1).
         n_train, n_eval: images per set.
@@ -141,14 +142,37 @@ def load_digits_source(source: str) -> tuple[np.ndarray, np.ndarray]:
 
         big = torch.nn.functional.interpolate(torch.from_numpy(small)[:, None], size=(28, 28), mode="bilinear")
         return big[:, 0].clamp(0, 255).round().to(torch.uint8).numpy(), bunch.target.astype(np.int64)
+    if source in TORCHVISION_SOURCES:
+        return _download_torchvision(source)
     from ravl_engine.data import load_mnist  # noqa: PLC0415
 
     if not Path(source).is_dir():
-        raise ConfigError(f"--source {source!r} is neither 'sklearn' nor a folder of idx files")
+        raise ConfigError(
+            f"--source {source!r} is not 'sklearn', {', '.join(TORCHVISION_SOURCES)} or a folder of idx files"
+        )
     try:
         return load_mnist(source)
     except ConfigError:
         return load_mnist(source, split="train")
+
+
+TORCHVISION_SOURCES = ("torchvision:mnist", "torchvision:fashion-mnist")
+
+
+def _download_torchvision(source: str) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST / Fashion-MNIST test split through torchvision's downloader (needs the network once; cached)."""
+    from torchvision import datasets  # noqa: PLC0415
+
+    cls = datasets.MNIST if source == "torchvision:mnist" else datasets.FashionMNIST
+    root = Path.home() / ".cache" / "ravl-engine" / "torchvision"
+    try:
+        data = cls(root=str(root), train=False, download=True)
+    except Exception as err:  # offline: URLError / RuntimeError from the downloader
+        raise ConfigError(
+            f"could not download {source} ({type(err).__name__}: {err}); without network use --source sklearn or a "
+            "folder of idx files"
+        ) from err
+    return data.data.numpy().astype(np.uint8), data.targets.numpy().astype(np.int64)
 
 
 def feature_patch(shape: str, color: str, size: int) -> np.ndarray:

@@ -124,3 +124,17 @@ def test_a_class_without_enough_images_is_refused_before_writing(tmp_path):
     with pytest.raises(ConfigError, match="has 1 images of class 1; each class needs at least 2"):
         run_synth(SynthConfig(out=str(tmp_path / "out"), source=str(folder), classes=(0, 1, 2), n_train=30, n_eval=30))
     assert not (tmp_path / "out").exists()
+
+
+def test_torchvision_source_fails_with_the_fix_when_offline(tmp_path, monkeypatch):
+    from torchvision import datasets
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(datasets, "MNIST", offline)
+    with pytest.raises(ConfigError, match="could not download torchvision:mnist .*use --source sklearn"):
+        run_synth(SynthConfig(out=str(tmp_path / "o"), source="torchvision:mnist", n_train=20, n_eval=20))
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match="is not 'sklearn', torchvision:mnist"):
+        run_synth(SynthConfig(out=str(tmp_path / "o"), source="nowhere", n_train=20, n_eval=20))
