@@ -406,9 +406,7 @@ def write_distinct_rows(
     if distinct.shape[0] * 3 > 2 * left.shape[0]:
         write_rows(table, rows, left, x, block_size=block_size)
         return
-    for start in range(0, x.shape[0], block_size):
-        stop = start + block_size
-        table[rows, start:stop] = (distinct @ x[start:stop].T)[inverse]
+    _write_expanded(table, rows, distinct, inverse, x, block_size=block_size)
 
 
 def write_medoid_rows(
@@ -423,9 +421,16 @@ def write_medoid_rows(
     if distinct.numel() * 2 > points.numel():
         write_rows(table, rows, x[points], x, block_size=block_size)
         return
+    _write_expanded(table, rows, x[distinct], inverse, x, block_size=block_size)
+
+
+def _write_expanded(
+    table: Tensor, rows: Tensor, distinct: Tensor, inverse: Tensor, x: Tensor, *, block_size: int
+) -> None:
+    """``table[rows] = (distinct @ x.T)[inverse]`` in blocks of columns: each distinct product computed once."""
     for start in range(0, x.shape[0], block_size):
         stop = start + block_size
-        table[rows, start:stop] = (x[distinct] @ x[start:stop].T)[inverse]
+        table[rows, start:stop] = (distinct @ x[start:stop].T)[inverse]
 
 
 def fit_kmedoids(

@@ -169,8 +169,9 @@ def _as_float_matrix(name: str, value: Any, *, rows: int, rows_from: str, cols: 
 
 def _check_probabilities(name: str, scores: Tensor) -> None:
     # the influence score compares softmax probabilities across regions: logits would rank regions differently
-    if bool((scores < 0).any()) or bool(((scores.sum(1) - 1.0).abs() > 1e-3).any()):
-        row = int((((scores < 0).any(1)) | ((scores.sum(1) - 1.0).abs() > 1e-3)).nonzero()[0, 0])
+    bad = (scores < 0).any(1) | ((scores.sum(1) - 1.0).abs() > 1e-3)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
         raise ConfigError(
             f"{name} must hold softmax probabilities (rows >= 0 summing to 1) but row {row} does not; "
             "apply softmax(logits / temperature) first"

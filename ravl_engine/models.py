@@ -115,7 +115,8 @@ def _hub_offline_when_unreachable():
 def _checkpoint_arch(path: Path) -> str | None:
     """The architecture recorded in a ravl-engine checkpoint (``{"arch": name, "state_dict": ...}``), if any."""
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped: only the small dict is read here; open_clip reads the weights once, afterwards
+        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # not a torch file we can read with weights_only: let open_clip try
         return None
     return blob.get("arch") if isinstance(blob, dict) else None
