@@ -18,7 +18,8 @@ Inputs are normalised images at the tower's input size and boxes in those pixels
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -100,6 +101,19 @@ def resnet_head(visual: Any, maps: Tensor) -> Tensor:
     return attention_pool(visual.attnpool, visual.layer4(maps))
 
 
+def _resnet_pool(visual: Any, maps: Tensor, images: Tensor, boxes: Sequence[Tensor]) -> Tensor:
+    """RoIAlign of every box on the layer3 map, at twice the attention pool's grid. [sum K_i, C, 2g, 2g]."""
+    grid = round(math.sqrt(visual.attnpool.positional_embedding.shape[0] - 1))
+    return roi_align(
+        maps,
+        _as_rois(boxes, maps),
+        output_size=2 * grid,
+        spatial_scale=maps.shape[-1] / images.shape[-1],
+        sampling_ratio=-1,
+        aligned=True,
+    )
+
+
 def resnet_roi_embed(visual: Any, images: Tensor, boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """RegionCLIP-style region embeddings of a ModifiedResNet.
 
@@ -113,18 +127,10 @@ def resnet_roi_embed(visual: Any, images: Tensor, boxes: Sequence[Tensor]) -> tu
     """
     _check_boxes(images, boxes)
     maps = resnet_trunk(visual, images)
-    grid = round(math.sqrt(visual.attnpool.positional_embedding.shape[0] - 1))
     if sum(b.shape[0] for b in boxes) == 0:
         image_emb = resnet_head(visual, maps)
         return image_emb, image_emb.new_zeros(0, image_emb.shape[1])
-    pooled = roi_align(
-        maps,
-        _as_rois(boxes, maps),
-        output_size=2 * grid,
-        spatial_scale=maps.shape[-1] / images.shape[-1],
-        sampling_ratio=-1,
-        aligned=True,
-    )
+    pooled = _resnet_pool(visual, maps, images, boxes)
     if pooled.shape[-2:] == maps.shape[-2:]:  # square inputs: images and regions share one head pass
         both = resnet_head(visual, torch.cat([maps, pooled.to(memory_format=torch.contiguous_format)]))
         return both[: images.shape[0]], both[images.shape[0] :]
@@ -274,6 +280,44 @@ def crop_embed(visual: Any, images: Tensor, boxes: Sequence[Tensor]) -> tuple[Te
         aligned=True,
     )
     return image_emb, visual(crops)
+
+
+@contextmanager
+def _batchnorm_running_stats(module: nn.Module) -> Iterator[None]:
+    """Run the BatchNorm layers of ``module`` on their running statistics (eval mode) for the block's duration."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for m in norms:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.train()
+
+
+def region_embed_train(
+    visual: Any, images: Tensor, boxes: Sequence[Tensor], *, mode: str = "roi"
+) -> tuple[Tensor, Tensor]:
+    """:func:`region_embed` for a tower being trained: one backbone pass, differentiable, batch statistics intact.
+
+    For a ResNet in train mode the image path is exactly a plain forward (its BatchNorm layers see only the images,
+    as in a CLIP step), and the pooled regions go through layer4 with BatchNorm on the running statistics, so the
+    regions are embedded as at inference and do not leak into the image statistics. Other towers have no batch
+    statistics and use :func:`region_embed` unchanged.
+
+    Returns:
+        (image embeddings [B, D], region embeddings [sum K_i, D]), not normalised.
+    """
+    if mode != "roi" or tower_kind(visual) != "resnet" or not visual.training:
+        return region_embed(visual, images, boxes, mode=mode)
+    _check_boxes(images, boxes)
+    maps = resnet_trunk(visual, images)
+    image_emb = resnet_head(visual, maps)
+    if sum(b.shape[0] for b in boxes) == 0:
+        return image_emb, image_emb.new_zeros(0, image_emb.shape[1])
+    pooled = _resnet_pool(visual, maps, images, boxes)
+    with _batchnorm_running_stats(visual.layer4):
+        return image_emb, resnet_head(visual, pooled)
 
 
 def region_embed(visual: Any, images: Tensor, boxes: Sequence[Tensor], *, mode: str = "roi") -> tuple[Tensor, Tensor]:

@@ -242,7 +242,12 @@ def cluster_cmd(
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--source", default="sklearn", show_default=True, help="'sklearn' (offline) or a folder of idx files.")
 @click.option("--spurious-class", default=0, show_default=True, help="Class tied to the feature in training.")
-@click.option("--cramers-v", default=0.9, show_default=True, help="Feature-class association in training, in (0, 1).")
+@click.option(
+    "--cramers-v",
+    default=0.9,
+    show_default=True,
+    help="Feature-class association in training, in [0, 1); 0 = independent.",
+)
 @click.option("--n-train", default=2000, show_default=True)
 @click.option("--n-eval", default=500, show_default=True)
 @click.option("--classes", default=None, help="Comma-separated digits (default 0..9).")
@@ -293,6 +298,60 @@ def finetune_cmd(progress: bool, **opts: Any) -> None:
         cfg = FinetuneConfig(**opts)
         with tqdm(total=cfg.epochs, desc="finetune", unit="epoch", file=sys.stderr, disable=not progress) as bar:
             result = run_finetune(cfg, on_epoch=lambda _e: bar.update(1))
+    except RavlEngineError as err:
+        raise click.ClickException(str(err)) from err
+    _emit(result.to_dict())
+
+
+@main.command("mitigate")
+@click.option(
+    "--train", "train", required=True, type=click.Path(dir_okay=False), help="Captioned fine-tuning manifest."
+)
+@click.option(
+    "--discovery", "discovery", required=True, type=click.Path(dir_okay=False), help="discovery.json of the audit."
+)
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Checkpoint file to write.")
+@click.option(
+    "--method",
+    type=click.Choice(["ravl", "standard", "upsampled", "vl-erm", "vl-gdro"]),
+    default="ravl",
+    show_default=True,
+)
+@click.option("--pretrained", default=None, help="Starting weights (checkpoint or tag); default random init.")
+@click.option("--model", default=None, help="Architecture of the starting weights (default: the audited model's).")
+@click.option("--region-model", default=None, help="The audited checkpoint, if it moved since cluster ran.")
+@click.option(
+    "--cluster", "clusters", multiple=True, type=int, help="Rank of a spurious cluster (repeatable; default 1)."
+)
+@click.option("--work-dir", default=None, type=click.Path(file_okay=False), help="Run dir for the training regions.")
+@click.option("--proposer", default=None, help="Override the audit's proposer for the fine-tuning images.")
+@click.option("--clip-weight", default=0.8, show_default=True, help="lambda: the CLIP loss's share.")
+@click.option("--temperature", default=0.07, show_default=True, help="tau of the region and zero-shot terms.")
+@click.option("--reduction", type=click.Choice(["mean", "sum"]), default="mean", show_default=True)
+@click.option(
+    "--distinct-labels/--repeated-labels", default=True, show_default=True, help="Batch labels in L_R's denominator."
+)
+@click.option("--gdro-step", default=0.01, show_default=True, help="Group DRO step size (vl-gdro).")
+@click.option("--epochs", default=6, show_default=True)
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--lr", type=float, default=None, help="Default 1e-3 from scratch, 5e-5 from pretrained weights.")
+@click.option("--freeze-text/--train-text", default=None, help="Default: freeze when starting from weights.")
+@click.option("--val-fraction", default=0.1, show_default=True)
+@click.option("--patience", default=6, show_default=True, help="Epochs without validation gain before stopping.")
+@click.option("--select", type=click.Choice(["accuracy", "worst-group"]), default="accuracy", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def mitigate_cmd(progress: bool, clusters: tuple[int, ...], **opts: Any) -> None:
+    """Fine-tune with RaVL's region-aware loss (or a baseline) so the discovered feature stops driving its class."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    from ravl_engine.mitigate import MitigateConfig, run_mitigate  # noqa: PLC0415
+
+    try:
+        cfg = MitigateConfig(clusters=clusters or (1,), **opts)
+        with tqdm(total=cfg.epochs, desc=cfg.method, unit="epoch", file=sys.stderr, disable=not progress) as bar:
+            result = run_mitigate(cfg, on_epoch=lambda _e: bar.update(1))
     except RavlEngineError as err:
         raise click.ClickException(str(err)) from err
     _emit(result.to_dict())

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 DISCOVERY_NAME = "discovery.json"
 REPORT_NAME = "report.html"
+DISCOVERY_FORMAT = "ravl-engine-discovery/1"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,14 +75,21 @@ def discovery_document(
     boxes: np.ndarray,
     region_offsets: np.ndarray,
     region_emb: np.ndarray,
+    audit: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The discovery.json document: clusters ranked, each with its table, medoid and all its regions, best first."""
+    """The discovery.json document: clusters ranked, each with its table, medoid and all its regions, best first.
+
+    ``medoids`` holds the embedding of every cluster's medoid (all K, by cluster id) and ``audit`` what produced the
+    embeddings (model, checkpoint sha256, proposer, region mode): mitigation assigns new regions to these medoids
+    and refuses a model other than the audited one.
+    """
     region_image = np.repeat(np.arange(len(ids)), np.diff(region_offsets))
     clusters = []
     for c in result.clusters:
         clusters.append(
             {
                 "rank": c.rank,
+                "cluster_id": c.cluster_id,
                 "class": classes[c.class_index] if c.class_index >= 0 else None,
                 "gap": c.gap,
                 "influence": c.influence,
@@ -102,7 +110,30 @@ def discovery_document(
                 ],
             }
         )
-    return {"k": result.k, "classes": classes, "clusters": clusters}
+    return {
+        "format": DISCOVERY_FORMAT,
+        "k": result.k,
+        "classes": classes,
+        "embedding_dim": int(region_emb.shape[1]),
+        "audit": dict(audit or {}),
+        "clusters": clusters,
+        "medoids": region_emb[result.medoids].astype(float).tolist(),
+    }
+
+
+def _audit(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """What produced a run's embeddings, with a checkpoint path made absolute where it names a file."""
+    model = dict(manifest.get("model", {}))
+    pretrained = model.get("pretrained")
+    if pretrained and Path(pretrained).is_file():
+        model["pretrained"] = str(Path(pretrained).resolve())
+    return {
+        "model": model,
+        "proposer": manifest.get("proposer"),
+        "region_mode": manifest.get("region_mode"),
+        "templates": manifest.get("templates"),
+        "run_dir_data": manifest.get("data", {}).get("path"),
+    }
 
 
 def run_cluster(cfg: ClusterConfig, *, on_k: Callable[[dict[str, Any]], None] | None = None) -> ClusterResult:
@@ -140,6 +171,7 @@ def run_cluster(cfg: ClusterConfig, *, on_k: Callable[[dict[str, Any]], None] | 
         boxes=data.boxes,
         region_offsets=data.offsets,
         region_emb=data.region_emb,
+        audit=_audit(run.manifest),
     )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,8 @@
 Images are a grid of cells (default 2 x 2 cells of 28 px): one cell holds a digit, another may hold the spurious
 feature (a coloured shape), the rest are black. In fine-tuning sets the feature is tied to one class with a requested
 Cramer's V; in evaluation sets it appears with probability 0.5 independently of the class. Manifests follow the
-embedding engine's format: evaluation rows carry every cell as a box with its region label (the digit's class name,
-the feature's name, or "none").
+embedding engine's format: every row carries the cells as boxes, and evaluation rows also the cells' region labels
+(the digit's class name, the feature's name, or "none").
 """
 
 from __future__ import annotations
@@ -83,12 +83,14 @@ class SynthConfig:
             files (``t10k-images-idx3-ubyte.gz`` ...; MNIST or Fashion-MNIST), or "torchvision:mnist" /
             "torchvision:fashion-mnist" (downloaded once through torchvision).
         spurious_class: the class tied to the feature in the fine-tuning set.
-        cramers_v: the association strength in the fine-tuning set, in (0, 1).
+        cramers_v: the association strength in the fine-tuning set, in [0, 1); 0 = none (the feature appears with
+            probability ``eval_feature_p`` independently of the class, as in a pretraining set).
         n_train, n_eval: images per set.
         classes: the digit classes used (default 0..9).
         shape, color, size: the feature: one of SHAPES, one of COLORS, fraction of the cell (0, 1].
         grid, cell: cells per side and cell size in pixels.
-        eval_feature_p: probability of the feature in the evaluation set (independent of the class).
+        eval_feature_p: probability of the feature in the evaluation set (independent of the class), and in the
+            fine-tuning set when ``cramers_v`` is 0.
         seed: everything is drawn from this seed.
     """
 
@@ -113,8 +115,8 @@ class SynthConfig:
             raise ConfigError(f"unknown shape {self.shape!r}; choose one of {', '.join(SHAPES)}")
         if self.color not in COLORS:
             raise ConfigError(f"unknown colour {self.color!r}; choose one of {', '.join(COLORS)}")
-        if not 0 < self.cramers_v < 1:
-            raise ConfigError(f"cramers_v must be in (0, 1), got {self.cramers_v}")
+        if not 0 <= self.cramers_v < 1:
+            raise ConfigError(f"cramers_v must be in [0, 1), got {self.cramers_v}")
         if not 0 < self.size <= 1:
             raise ConfigError(f"size must be in (0, 1], got {self.size}")
         if self.grid < 2:
@@ -273,7 +275,7 @@ def run_synth(cfg: SynthConfig) -> SynthResult:
         y = np.array([classes[i % len(classes)] for i in range(n)])
         rng.shuffle(y)
         is_class = y == cfg.spurious_class
-        if part == "train":
+        if part == "train" and cfg.cramers_v > 0:
             x, z = feature_counts(int(is_class.sum()), int((~is_class).sum()), cfg.cramers_v)
             present = np.zeros(n, bool)
             present[rng.choice(np.flatnonzero(is_class), x, replace=False)] = True
@@ -301,8 +303,8 @@ def run_synth(cfg: SynthConfig) -> SynthResult:
                 "caption": cfg.captions[int(rng.integers(len(cfg.captions)))].format(int(y[i])),
                 "split": part,
             }
+            row["boxes"] = json.dumps(cells)  # the cells, so that both sets can use the manifest proposer
             if part == "eval":
-                row["boxes"] = json.dumps(cells)
                 row["region_labels"] = json.dumps(region_labels)
             rows.append(row)
         path = out / f"{part}.csv"

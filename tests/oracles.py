@@ -222,3 +222,49 @@ def dense_discover(
         ranked_regions=ranked_regions,
         scores=scores,
     )
+
+
+def loop_region_aware_loss(
+    regions: list[list[tuple[list[float], bool]]],
+    labels: list[int],
+    class_emb: list[list[float]],
+    *,
+    temperature: float = 0.07,
+    reduction: str = "sum",
+    distinct_labels: bool = True,
+) -> tuple[float, float]:
+    """RaVL's L_R and L_A written from the formulas, one image and one region at a time, in float64.
+
+    ``regions[i]`` lists image i's regions as (embedding, is_spurious); ``labels[i]`` is -1 without a class.
+    """
+
+    def unit(v: list[float]) -> list[float]:
+        n = math.sqrt(sum(a * a for a in v))
+        return [a / n for a in v]
+
+    text = [unit(t) for t in class_emb]
+
+    def sigma(r: list[float], y: int) -> float:
+        return math.exp(sum(a * b for a, b in zip(unit(r), text[y], strict=True)) / temperature)
+
+    def sigma_m(rs: list[list[float]], y: int) -> float:
+        return max(sigma(r, y) for r in rs)
+
+    keep = [[r for r, s in image if not s] for image in regions]
+    spurious = [r for image in regions for r, s in image if s]
+    batch_labels = [y for y in labels if y >= 0]
+    label_terms = sorted(set(batch_labels)) if distinct_labels else batch_labels
+    p = sum(max(sigma(r, y) for y in set(batch_labels)) for r in spurious) if batch_labels else 0.0
+    l_r, l_a = [], []
+    for i, y in enumerate(labels):
+        if y < 0 or not keep[i]:
+            continue
+        own = sigma_m(keep[i], y)
+        l_r.append(-math.log(own / (sum(sigma_m(keep[i], yy) for yy in label_terms) + p)))
+        others = sum(sigma_m(keep[j], y) for j, yj in enumerate(labels) if yj >= 0 and yj != y and keep[j])
+        l_a.append(-math.log(own / (own + others + sum(sigma(r, y) for r in spurious))))
+    if not l_r:
+        return 0.0, 0.0
+    if reduction == "mean":
+        return sum(l_r) / len(l_r), sum(l_a) / len(l_a)
+    return sum(l_r), sum(l_a)

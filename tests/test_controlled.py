@@ -53,7 +53,7 @@ def test_synth_writes_a_controlled_setting(tmp_path, source):
     assert len(train) == 400 and len(evaluation) == 100
     assert {r.label for r in train} == {str(d) for d in range(10)}
     assert all(r.caption and r.label in r.caption for r in train)
-    assert all(r.boxes is None for r in train)
+    assert all(r.boxes == evaluation[0].boxes and r.region_labels is None for r in train)
     for r in evaluation[:20]:
         img = np.asarray(Image.open(r.path))
         assert img.shape == (56, 56, 3)
@@ -98,7 +98,7 @@ def test_synth_cli_and_bad_options(tmp_path):
     for args, message in [
         (["--shape", "hexagon"], "unknown shape 'hexagon'"),
         (["--color", "mauve"], "unknown colour 'mauve'"),
-        (["--cramers-v", "1.2"], "cramers_v must be in (0, 1)"),
+        (["--cramers-v", "1.2"], "cramers_v must be in [0, 1)"),
         (["--spurious-class", "5", "--classes", "0,1"], "spurious_class 5 is not among the classes"),
     ]:
         out = tmp_path / "bad"
@@ -138,3 +138,12 @@ def test_torchvision_source_fails_with_the_fix_when_offline(tmp_path, monkeypatc
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match="is not 'sklearn', torchvision:mnist"):
         run_synth(SynthConfig(out=str(tmp_path / "o"), source="nowhere", n_train=20, n_eval=20))
+
+
+def test_cramers_v_zero_gives_an_independent_training_set(tmp_path):
+    result = run_synth(SynthConfig(out=str(tmp_path), cramers_v=0.0, n_train=600, n_eval=20, seed=4))
+    rows = read_manifest(result.train_manifest)
+    pixels = [np.asarray(Image.open(r.path)) for r in rows]
+    present = np.array([bool(((p[:, :, 0] == 255) & (p[:, :, 1] == 0)).any()) for p in pixels])
+    assert result.realised_cramers_v_train < 0.1
+    assert 0.4 < present.mean() < 0.6
