@@ -9,7 +9,7 @@ then every other method fine-tunes the same pretrained model with the same sched
 checkpoint embeds the evaluation set and is evaluated. One JSON line per (setting, seed, method), one summary line
 per method (mean and sample standard deviation over the runs), and a Markdown table on stderr.
 
-    python -m bench.bench_mitigate                                      # classes 3,5,8 x V 0.9 x seeds 0,1,2
+    python -m bench.bench_mitigate                                      # classes 3,5,8 x V 0.99 x seeds 0,1,2
     python -m bench.bench_mitigate --classes 3 --seeds 0 --methods standard,ravl
 """
 
@@ -30,15 +30,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default=str(DEFAULT_MNIST), help="folder of MNIST idx files, or 'sklearn'")
     parser.add_argument("--classes", default="3,5,8", help="spurious classes")
-    parser.add_argument("--cramers-v", default="0.9")
+    parser.add_argument("--cramers-v", default="0.99")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default="standard,upsampled,vl-erm,vl-gdro,ravl")
     parser.add_argument("--n-pretrain", type=int, default=3000, help="images of the neutral pretraining set")
     parser.add_argument("--n-train", type=int, default=3000)
     parser.add_argument("--n-eval", type=int, default=1000)
-    parser.add_argument("--pretrain-epochs", type=int, default=12)
+    parser.add_argument("--pretrain-epochs", type=int, default=15)
+    parser.add_argument("--pretrain-lr", type=float, default=5e-4)
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (pretraining: 1e-3)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate")
     parser.add_argument("--reduction", default="mean", choices=["sum", "mean"])
     parser.add_argument("--select", default="accuracy", choices=["accuracy", "worst-group"])
     args = parser.parse_args(argv)
@@ -61,8 +62,9 @@ def main(argv: list[str] | None = None) -> None:
                 SynthConfig(
                     out=str(root / f"neutral-{seed}"),
                     source=args.source,
-                    n_train=20,
-                    n_eval=args.n_pretrain,
+                    cramers_v=0.0,
+                    n_train=args.n_pretrain,
+                    n_eval=20,
                     seed=100 + seed,
                 )
             )
@@ -72,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
                     out=str(root / f"pretrained-{seed}.pt"),
                     epochs=args.pretrain_epochs,
                     patience=args.pretrain_epochs,
+                    lr=args.pretrain_lr,
                     seed=seed,
                 )
             )

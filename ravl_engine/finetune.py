@@ -158,6 +158,18 @@ class FinetuneResult:
         return dataclasses.asdict(self)
 
 
+def snapshot(model: Any) -> dict[str, Tensor]:
+    """A CPU copy of the model's weights."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(path: Path, blob: dict[str, Any]) -> None:
+    """torch.save to a temporary name, then rename: the file is either absent, the old one, or complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
 def load_images(paths: Sequence[Path], *, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """Decode, resize (no crop) and normalise images: [N, 3, size, size] float32.
 
@@ -216,14 +228,7 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: Callable[[dict[str, float]], 
     best = (validate(), 0)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-
-    def save(epoch: int, value: float) -> None:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        torch.save({"arch": cfg.model, "state_dict": state, "epoch": epoch, metric: value}, tmp)
-        os.replace(tmp, out)
-
-    save(0, best[0])
+    best_state = snapshot(model)
     history: list[dict[str, float]] = []
     stale = 0
     optimizer = make_optimizer(model, lr=lr, weight_decay=cfg.weight_decay, freeze_text=freeze_text)
@@ -246,12 +251,14 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: Callable[[dict[str, float]], 
             on_epoch(entry)
         if value > best[0]:
             best, stale = (value, epoch), 0
-            save(epoch, value)
+            best_state = snapshot(model)
         else:
             stale += 1
             if stale >= cfg.patience:
                 logger.info("early stop after epoch %d (best epoch %d)", epoch, best[1])
                 break
+    # written once, at the end: an interrupted run leaves no checkpoint that looks finished
+    save_checkpoint(out, {"arch": cfg.model, "state_dict": best_state, "epoch": best[1], metric: best[0]})
     return FinetuneResult(
         checkpoint=str(out),
         best_epoch=best[1],

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -37,9 +36,9 @@ from torch import Tensor
 from kernels.loss import clip_loss, pad_regions, region_aware_loss
 from kernels.roi import region_embed_train
 from ravl_engine.config import config_from_dict
-from ravl_engine.errors import ConfigError
-from ravl_engine.finetune import load_images, make_optimizer
-from ravl_engine.manifest import read_manifest
+from ravl_engine.errors import ConfigError, ShardError
+from ravl_engine.finetune import load_images, make_optimizer, save_checkpoint, snapshot
+from ravl_engine.manifest import ManifestRow, read_manifest
 from ravl_engine.models import LoadedModel, load_clip
 from ravl_engine.shards import read_run, sha256_file
 from ravl_engine.zeroshot import DEFAULT_TEMPLATES, TEMPERATURE
@@ -285,47 +284,56 @@ class _TrainSet:
     caption_counts: dict[str, int]
 
 
+def _embed_regions(
+    cfg: MitigateConfig, disc: _Discovery, rows: Sequence[ManifestRow], work_dir: str, name: str, path: str | None
+) -> None:
+    """Propose and embed the fine-tuning images with the audited model, as the audit did (resumable run dir)."""
+    from ravl_engine.embed import EmbedConfig, run_embed  # noqa: PLC0415
+
+    audit = disc.audit
+    proposer = audit.get("proposer") or {}
+    proposer_name = cfg.proposer or proposer.get("name") or "quadrants"
+    same = proposer_name == proposer.get("name")
+    embed_cfg = EmbedConfig(
+        data=cfg.train,
+        out=work_dir,
+        model=name,
+        pretrained=path,
+        proposer=proposer_name,
+        proposer_options=dict(proposer.get("options") or {}) if same else {},
+        max_boxes=proposer.get("max_boxes"),
+        min_box_size=proposer.get("min_box_size", 1.0),
+        score_threshold=proposer.get("score_threshold"),
+        whole_image=bool(proposer.get("whole_image", False)),
+        region_mode=audit.get("region_mode") or "auto",
+        classes=tuple(disc.classes),
+        templates=tuple(audit.get("templates") or DEFAULT_TEMPLATES),
+        device=cfg.device,
+    )
+    if proposer_name == "manifest" and any(r.boxes is None for r in rows):
+        raise ConfigError(
+            f"the audit used the manifest's boxes but {cfg.train} has rows without a 'boxes' value; add them or pass "
+            "--proposer quadrants (or another proposer)"
+        )
+    try:
+        run_embed(embed_cfg)
+    except ShardError as err:
+        raise ConfigError(f"{err} (for mitigate: pass another --work-dir)") from err
+
+
 def _prepare(
     cfg: MitigateConfig, disc: _Discovery, size: int, mean: Sequence[float], std: Sequence[float]
 ) -> _TrainSet:
     """Propose + embed the fine-tuning regions with the audited model, assign them to the medoids, parse captions."""
     from PIL import Image  # noqa: PLC0415
 
-    from ravl_engine.embed import EmbedConfig, run_embed  # noqa: PLC0415
-
     rows = read_manifest(cfg.train)
     missing = [i for i, r in enumerate(rows) if r.caption is None]
     if missing:
         raise ConfigError(f"{cfg.train}: row {missing[0] + 1} has no caption; mitigation needs a 'caption' column")
     name, path = _audited_model(disc, cfg.region_model)
-    audit = disc.audit
-    proposer = audit.get("proposer") or {}
-    proposer_name = cfg.proposer or proposer.get("name") or "quadrants"
-    same_proposer = proposer_name == proposer.get("name")
-    if proposer_name == "manifest" and any(r.boxes is None for r in rows):
-        raise ConfigError(
-            f"the audit used the manifest's boxes but {cfg.train} has rows without a 'boxes' value; add them or pass "
-            "--proposer quadrants (or another proposer)"
-        )
     work_dir = cfg.work_dir or cfg.out + ".regions"
-    run_embed(
-        EmbedConfig(
-            data=cfg.train,
-            out=work_dir,
-            model=name,
-            pretrained=path,
-            proposer=proposer_name,
-            proposer_options=dict(proposer.get("options") or {}) if same_proposer else {},
-            max_boxes=proposer.get("max_boxes"),
-            min_box_size=proposer.get("min_box_size", 1.0),
-            score_threshold=proposer.get("score_threshold"),
-            whole_image=bool(proposer.get("whole_image", False)),
-            region_mode=audit.get("region_mode") or "auto",
-            classes=tuple(disc.classes),
-            templates=tuple(audit.get("templates") or DEFAULT_TEMPLATES),
-            device=cfg.device,
-        )
-    )
+    _embed_regions(cfg, disc, rows, work_dir, name, path)
     run = read_run(work_dir)
     data = run.data
     if data.region_emb.shape[1] != disc.medoids.shape[1]:
@@ -426,6 +434,84 @@ def _zero_shot(model: Any, images: Tensor, text: Tensor, device: str, batch: int
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 
 
+@dataclass(frozen=True)
+class StepBatch:
+    """One training batch.
+
+    Attributes:
+        images: [B, 3, S, S] normalised images.
+        tokens: [B, L] caption tokens.
+        labels: [B] int64 class named by each caption, -1 = none.
+        groups: [B] int64 group (2 * class + feature present; 2 * C + present without a class).
+        boxes: (ravl) B tensors [K_i, 4], xyxy, tower input pixels.
+        spurious: (ravl) [sum K_i] bool, regions in the spurious cluster.
+    """
+
+    images: Tensor
+    tokens: Tensor
+    labels: Tensor
+    groups: Tensor
+    boxes: list[Tensor] | None = None
+    spurious: Tensor | None = None
+
+    def to(self, device: str | torch.device) -> StepBatch:
+        return StepBatch(
+            images=self.images.to(device),
+            tokens=self.tokens.to(device),
+            labels=self.labels.to(device),
+            groups=self.groups.to(device),
+            boxes=[b.to(device) for b in self.boxes] if self.boxes is not None else None,
+            spurious=self.spurious.to(device) if self.spurious is not None else None,
+        )
+
+
+def mitigation_loss(
+    model: Any, batch: StepBatch, class_emb: Tensor | None, cfg: MitigateConfig, *, gdro: _GroupDRO | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The training loss of ``cfg.method`` for one batch: (total, L_CL, auxiliary term).
+
+    ``ravl`` embeds the image and all its regions in one backbone pass (:func:`kernels.roi.region_embed_train`) and
+    adds L_R + L_A; ``vl-erm`` / ``vl-gdro`` add the (group-robust) cross-entropy of the zero-shot logits of the
+    images whose caption names a class. ``class_emb`` [C, D] (unit rows) is needed by those three methods.
+    """
+    if cfg.method == "ravl":
+        if batch.boxes is None or batch.spurious is None or class_emb is None:
+            raise ValueError("method 'ravl' needs boxes, spurious flags and class embeddings")
+        image_emb, region_emb = region_embed_train(model.visual, batch.images, batch.boxes)
+    else:
+        image_emb = model.encode_image(batch.images)
+    loss_cl = clip_loss(image_emb, model.encode_text(batch.tokens), model.logit_scale.exp())
+    if cfg.method in ("standard", "upsampled"):
+        return loss_cl, loss_cl, loss_cl.new_zeros(())
+    if class_emb is None:
+        raise ValueError(f"method {cfg.method!r} needs class embeddings")
+    aux = loss_cl.new_zeros(())
+    if cfg.method == "ravl":
+        assert batch.boxes is not None and batch.spurious is not None
+        counts = torch.tensor([b.shape[0] for b in batch.boxes], device=region_emb.device)
+        padded, mask = pad_regions(region_emb.float(), counts)
+        spurious, _ = pad_regions(batch.spurious, counts, fill=False)
+        l_r, l_a = region_aware_loss(
+            padded,
+            mask,
+            spurious,
+            batch.labels,
+            class_emb,
+            temperature=cfg.temperature,
+            reduction=cfg.reduction,
+            distinct_labels=cfg.distinct_labels,
+        )
+        aux = l_r + l_a
+    else:
+        has = batch.labels >= 0
+        if bool(has.any()):
+            logits = F.normalize(image_emb[has].float(), dim=-1) @ class_emb.T / cfg.temperature
+            ce = F.cross_entropy(logits, batch.labels[has], reduction="none")
+            aux = ce.mean() if gdro is None else gdro(ce, batch.groups[has])
+    lam = cfg.clip_weight
+    return lam * loss_cl + (1 - lam) * aux, loss_cl, aux
+
+
 def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], None] | None = None) -> MitigateResult:
     """Fine-tune with the chosen method and write the best checkpoint atomically.
 
@@ -480,21 +566,12 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
     )
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-
-    def save(epoch: int, value: float) -> None:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        blob = {"arch": arch, "state_dict": state, "epoch": epoch, metric: value, "method": cfg.method}
-        torch.save(blob, tmp)
-        os.replace(tmp, out)
-
     best = (validate(), 0)
-    save(0, best[0])
+    best_state = snapshot(model)
     optimizer = make_optimizer(model, lr=lr, weight_decay=cfg.weight_decay, freeze_text=freeze_text)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     gdro = _GroupDRO(2 * c + 2, cfg.gdro_step) if cfg.method == "vl-gdro" else None
     frozen_text = _class_embeddings(model, class_tokens, c).detach() if freeze_text else None
-    lam = cfg.clip_weight
     history: list[dict[str, float]] = []
     stale, steps, step_time = 0, 0, 0.0
     for epoch in range(1, cfg.epochs + 1):
@@ -507,40 +584,19 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
             if idx.numel() < 2:
                 continue
             t_step = time.perf_counter()
-            images = ts.images[idx].to(cfg.device)
-            labels = ts.labels[idx].to(cfg.device)
-            if cfg.method == "ravl":
-                boxes, flags = _batch_boxes(ts, idx)
-                image_emb, region_emb = region_embed_train(model.visual, images, [b.to(cfg.device) for b in boxes])
-            else:
-                image_emb = model.encode_image(images)
-            text_emb = model.encode_text(caption_tokens[idx].to(cfg.device))
-            loss_cl = clip_loss(image_emb, text_emb, model.logit_scale.exp())
-            aux = loss_cl.new_zeros(())
+            boxes, flags = _batch_boxes(ts, idx) if cfg.method == "ravl" else (None, None)
+            batch = StepBatch(
+                images=ts.images[idx],
+                tokens=caption_tokens[idx],
+                labels=ts.labels[idx],
+                groups=ts.groups[idx],
+                boxes=boxes,
+                spurious=flags,
+            )
+            class_emb = None
             if cfg.method in ("ravl", "vl-erm", "vl-gdro"):
                 class_emb = frozen_text if frozen_text is not None else _class_embeddings(model, class_tokens, c)
-            if cfg.method == "ravl":
-                counts = torch.tensor([b.shape[0] for b in boxes], device=region_emb.device)
-                padded, mask = pad_regions(region_emb.float(), counts)
-                spur, _ = pad_regions(flags.to(region_emb.device), counts, fill=False)
-                l_r, l_a = region_aware_loss(
-                    padded,
-                    mask,
-                    spur,
-                    labels,
-                    class_emb,
-                    temperature=cfg.temperature,
-                    reduction=cfg.reduction,
-                    distinct_labels=cfg.distinct_labels,
-                )
-                aux = l_r + l_a
-            elif cfg.method in ("vl-erm", "vl-gdro"):
-                has = labels >= 0
-                if bool(has.any()):
-                    logits = F.normalize(image_emb[has].float(), dim=-1) @ class_emb.T / cfg.temperature
-                    ce = F.cross_entropy(logits, labels[has], reduction="none")
-                    aux = ce.mean() if gdro is None else gdro(ce, ts.groups[idx].to(cfg.device)[has])
-            loss = loss_cl if cfg.method in ("standard", "upsampled") else lam * loss_cl + (1 - lam) * aux
+            loss, loss_cl, aux = mitigation_loss(model, batch.to(cfg.device), class_emb, cfg, gdro=gdro)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -560,12 +616,16 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
             on_epoch(entry)
         if value > best[0]:
             best, stale = (value, epoch), 0
-            save(epoch, value)
+            best_state = snapshot(model)
         else:
             stale += 1
             if stale >= cfg.patience:
                 break
     model.eval()
+    # written once, at the end: an interrupted run leaves no checkpoint that looks finished
+    save_checkpoint(
+        out, {"arch": arch, "state_dict": best_state, "epoch": best[1], metric: best[0], "method": cfg.method}
+    )
     group_rows = []
     for g in range(2 * c + 2):
         members = ts.groups[train_idx] == g

@@ -243,3 +243,10 @@ def test_config_rejects_bad_options(setting, tmp_path):
     ):
         with pytest.raises(ConfigError, match=match):
             _cfg(setting, tmp_path, **kw)
+
+
+def test_a_work_dir_from_another_manifest_is_refused(setting, tmp_path):
+    root, *_ = setting
+    with pytest.raises(ConfigError, match="another manifest .* pass another --work-dir"):
+        run_mitigate(_cfg(setting, tmp_path, work_dir=str(root / "run")))
+    assert not (tmp_path / "model.pt").exists()
