@@ -172,14 +172,19 @@ def embed_cmd(**opts: Any) -> None:
     fields["proposer_options"] = _parse_options(opts["proposer_options"])
     if templates:
         fields["templates"] = tuple(t for t in templates.split("|") if t)
+    from ravl_engine.distributed import init_from_env, rank_world  # noqa: PLC0415
+
     try:
         cfg = EmbedConfig.from_dict(fields)
+        init_from_env(cfg.device)  # under torchrun: join the process group, ranks share the shards
+        rank, world = rank_world()
         total = len(read_manifest(cfg.data))
-        with tqdm(total=total, desc="embed", unit="img", file=sys.stderr, disable=not progress) as bar:
+        with tqdm(total=total, desc="embed", unit="img", file=sys.stderr, disable=not progress or rank != 0) as bar:
             result = run_embed(cfg, on_images=bar.update)
     except RavlEngineError as err:
         raise click.ClickException(str(err)) from err
-    _emit(result.to_dict())
+    if rank == 0:
+        _emit({**result.to_dict(), "world_size": world})
 
 
 @main.command("cluster")

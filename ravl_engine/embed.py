@@ -24,6 +24,7 @@ from torch import Tensor
 from kernels.roi import region_embed, supported_modes, tower_kind
 from ravl_engine import __version__
 from ravl_engine.config import config_from_dict
+from ravl_engine.distributed import barrier, local_device, rank_world
 from ravl_engine.errors import ConfigError, ShardError
 from ravl_engine.manifest import ManifestRow, read_manifest, resolve_classes
 from ravl_engine.models import DEFAULT_MODEL, load_clip
@@ -193,6 +194,23 @@ def _region_labels_for(row: ManifestRow, boxes: Tensor, source: Tensor | None, p
     return [row.region_labels[int(j)] if float(b) >= 0.5 else "" for b, j in zip(best, idx, strict=True)]
 
 
+def _record_name(spec: ShardSpec) -> str:
+    return spec.name.removesuffix(".h5") + ".json"
+
+
+def _shard_records(run_dir: Path, plan: Sequence[ShardSpec]) -> dict[str, dict[str, Any]]:
+    """The completion records written next to each shard (readable ones only)."""
+    out = {}
+    for spec in plan:
+        path = run_dir / _record_name(spec)
+        if path.exists():
+            try:
+                out[spec.name] = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                continue
+    return out
+
+
 def run_embed(
     cfg: EmbedConfig,
     *,
@@ -216,6 +234,7 @@ def run_embed(
     from proposers import BoxFilter, build_proposer  # noqa: PLC0415
 
     t_start = time.perf_counter()
+    cfg = dataclasses.replace(cfg, device=local_device(cfg.device))
     seconds = {"read": 0.0, "propose": 0.0, "embed": 0.0, "write": 0.0}
     rows = read_manifest(cfg.data)
     classes = resolve_classes(rows, classes=cfg.classes, classes_file=cfg.classes_file)
@@ -251,15 +270,19 @@ def run_embed(
         _check_compatible(run_dir, existing, settings)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    text = class_text_embeddings(loaded.model, loaded.tokenizer, classes, cfg.templates)
-    write_text(run_dir / TEXT_NAME, classes, text.numpy(), cfg.templates)
+    rank, world = rank_world()
     plan = plan_shards(len(rows), cfg.shard_size)
+    if rank == 0:
+        text = class_text_embeddings(loaded.model, loaded.tokenizer, classes, cfg.templates)
+        write_text(run_dir / TEXT_NAME, classes, text.numpy(), cfg.templates)
+    # what is already complete: the manifest's entries (a single-process run) and the per-shard records
     done = {e["file"]: e for e in (existing or {}).get("shards", [])}
+    done.update(_shard_records(run_dir, plan))
     manifest = {
         "format_version": FORMAT_VERSION,
         "engine_version": __version__,
         **settings,
-        "embedding_dim": int(text.shape[1]),
+        "embedding_dim": int(visual.output_dim),
         "dtype": "float32",
         "image_size": loaded.image_size,
         "n_images_planned": len(rows),
@@ -272,11 +295,12 @@ def run_embed(
     std = torch.tensor(loaded.std).view(1, 3, 1, 1)
     size = loaded.image_size
     written = skipped = 0
-    for spec in plan:
+    entries: dict[str, dict[str, Any]] = {}
+    for spec in plan[rank::world]:  # ranks take disjoint shards of the one plan
         entry = done.get(spec.name)
         path = run_dir / spec.name
         if entry is not None and path.exists() and sha256_file(path) == entry["sha256"]:
-            manifest["shards"].append(entry)
+            entries[spec.name] = entry
             skipped += 1
             if on_images is not None:
                 on_images(spec.stop - spec.start)
@@ -297,24 +321,37 @@ def run_embed(
             seconds=seconds,
             on_images=on_images,
         )
-        manifest["shards"].append(entry)
-        write_json_atomic(run_dir / MANIFEST_NAME, manifest)
+        write_json_atomic(run_dir / _record_name(spec), entry)  # the shard is complete once this record exists
+        entries[spec.name] = entry
+        if world == 1:  # progress for readers of a running single-process job
+            manifest["shards"] = [entries[s.name] for s in plan if s.name in entries]
+            write_json_atomic(run_dir / MANIFEST_NAME, manifest)
         written += 1
         if on_shard is not None:
             on_shard(entry)
-    manifest["complete"] = True
-    failures = [f for e in manifest["shards"] for f in e.get("failures", [])]
-    failures_tmp = run_dir / (FAILURES_NAME + ".tmp")
-    failures_tmp.write_text("".join(json.dumps(f) + "\n" for f in failures), encoding="utf-8")
-    failures_tmp.replace(run_dir / FAILURES_NAME)
-    manifest["counts"] = {
-        "images": sum(e["n_images"] for e in manifest["shards"]),
-        "regions": sum(e["n_regions"] for e in manifest["shards"]),
-        "failed_images": len(failures),
-        "clipped_boxes": sum(e["clipped_boxes"] for e in manifest["shards"]),
-        "dropped_boxes": sum(e["dropped_boxes"] for e in manifest["shards"]),
-    }
-    write_json_atomic(run_dir / MANIFEST_NAME, manifest)
+    barrier()
+    if rank == 0:
+        records = {**done, **_shard_records(run_dir, plan), **entries}
+        unrecorded = [s.name for s in plan if s.name not in records]
+        if unrecorded:
+            raise ShardError(f"{run_dir}: shard(s) {', '.join(unrecorded)} have no completion record; rerun embed")
+        manifest["shards"] = [records[s.name] for s in plan]
+        manifest["complete"] = True
+        failures = [f for e in manifest["shards"] for f in e.get("failures", [])]
+        failures_tmp = run_dir / (FAILURES_NAME + ".tmp")
+        failures_tmp.write_text("".join(json.dumps(f) + "\n" for f in failures), encoding="utf-8")
+        failures_tmp.replace(run_dir / FAILURES_NAME)
+        manifest["counts"] = {
+            "images": sum(e["n_images"] for e in manifest["shards"]),
+            "regions": sum(e["n_regions"] for e in manifest["shards"]),
+            "failed_images": len(failures),
+            "clipped_boxes": sum(e["clipped_boxes"] for e in manifest["shards"]),
+            "dropped_boxes": sum(e["dropped_boxes"] for e in manifest["shards"]),
+        }
+        write_json_atomic(run_dir / MANIFEST_NAME, manifest)
+    barrier()
+    if rank != 0:
+        manifest = load_run_manifest(run_dir) or manifest
     seconds["total"] = time.perf_counter() - t_start
     counts = manifest["counts"]
     return EmbedResult(
