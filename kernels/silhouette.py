@@ -95,6 +95,7 @@ def silhouette_from_gram(
     *,
     block_size: int = DEFAULT_BLOCK_SIZE,
     overwrite: bool = False,
+    reduce: str = "mean",
 ) -> Tensor:
     """Mean silhouette per labelling from G = S @ X.T (S the cluster member sums) by the sum identity.
 
@@ -109,6 +110,8 @@ def silhouette_from_gram(
         sq_norms: [N] float64 squared row norms.
         block_size: columns (points) per block.
         overwrite: use ``gram`` as scratch space (saves a [..., K, block] temporary; ``gram`` is garbage after).
+        reduce: "mean", or "sum" of the per-point silhouettes with no definedness check (for a slice of the points
+            whose ``counts`` and cluster sums cover all of them: the sharded K-medoids adds the slices' sums).
 
     Returns:
         float64 scalar tensor (or [F]): the mean silhouette, NaN where fewer than 2 or more than N - 1 clusters
@@ -133,6 +136,8 @@ def silhouette_from_gram(
         s = (b - a) / torch.maximum(a, b)
         s = torch.nan_to_num(torch.where(own_size > 1, s, torch.zeros_like(s)), nan=0.0, posinf=0.0, neginf=0.0)
         total += s.to(torch.float64).sum(-1)
+    if reduce == "sum":
+        return total
     mean = total / n
     return torch.where(silhouette_is_defined(counts, n), mean, torch.full_like(mean, math.nan))
 

@@ -1,0 +1,320 @@
+"""Exact cosine K-medoids on rows sharded across processes (map-reduce over torch.distributed).
+
+Each rank holds a contiguous slice of the rows (global rows ``offset .. offset + n_local``). Every step that needs
+all rows is a local computation followed by one collective:
+
+- k-medoids++: the candidate draw inverts the global cumulative potential (local cumsums plus the ranks' totals),
+  the owner of a drawn row contributes its vector to an all-reduced sum, and every candidate's potential is an
+  all-reduced sum;
+- assignment: local top-1 search against the medoid vectors, which every rank holds;
+- medoid update: cluster sums and counts are all-reduced; each rank scores its members against the sums
+  (``x_i . S_c``), the best score per cluster is an all-reduced max and the winning row the all-reduced min of the
+  global indices within the tie tolerance of it: the lowest index among (near-)ties, as in one process;
+- silhouette and objective: all-reduced sums of the per-row terms.
+
+The functions are written once against :class:`Comm`; :class:`LocalComm` (world size 1) makes them the plain
+search-strategy K-medoids, and the results equal :func:`kernels.kmedoids.kmedoids_sweep` with ``strategy="search"``
+(tests), while :class:`TorchComm` runs the same code on a process group (gloo on CPU, NCCL on GPU).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from kernels.backends import DEFAULT_BLOCK_SIZE, ClusterBackend, TorchBackend
+from kernels.kmedoids import _distance, _medoid_scores_blocked, squared_norms, tie_tolerance
+from kernels.silhouette import silhouette_from_gram, silhouette_is_defined
+
+
+class Comm(Protocol):
+    """The collectives the sharded K-medoids needs; every rank calls each one in the same order."""
+
+    rank: int
+    world: int
+
+    def sum(self, t: Tensor) -> Tensor: ...
+    def max(self, t: Tensor) -> Tensor: ...
+    def min(self, t: Tensor) -> Tensor: ...
+    def gather(self, t: Tensor) -> Tensor:
+        """Concatenate every rank's tensor along dim 0, in rank order (lengths may differ)."""
+        ...
+
+
+class LocalComm:
+    """World size 1: every collective is the identity."""
+
+    rank = 0
+    world = 1
+
+    def sum(self, t: Tensor) -> Tensor:
+        return t
+
+    def max(self, t: Tensor) -> Tensor:
+        return t
+
+    def min(self, t: Tensor) -> Tensor:
+        return t
+
+    def gather(self, t: Tensor) -> Tensor:
+        return t
+
+
+class TorchComm:
+    """torch.distributed collectives on the default process group (must be initialised)."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist  # noqa: PLC0415
+
+        self._dist = dist
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+
+    def _reduce(self, t: Tensor, op: Any) -> Tensor:
+        out = t.clone()
+        self._dist.all_reduce(out, op=op)
+        return out
+
+    def sum(self, t: Tensor) -> Tensor:
+        return self._reduce(t, self._dist.ReduceOp.SUM)
+
+    def max(self, t: Tensor) -> Tensor:
+        return self._reduce(t, self._dist.ReduceOp.MAX)
+
+    def min(self, t: Tensor) -> Tensor:
+        return self._reduce(t, self._dist.ReduceOp.MIN)
+
+    def gather(self, t: Tensor) -> Tensor:
+        n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+        sizes = [torch.zeros_like(n) for _ in range(self.world)]
+        self._dist.all_gather(sizes, n)
+        longest = int(max(int(s) for s in sizes))
+        padded = t.new_zeros((longest, *t.shape[1:]))
+        padded[: t.shape[0]] = t
+        parts = [torch.zeros_like(padded) for _ in range(self.world)]
+        self._dist.all_gather(parts, padded)
+        return torch.cat([p[: int(s)] for p, s in zip(parts, sizes, strict=True)])
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's rows: ``x`` [n_local, D] unit rows, global rows ``offset .. offset + n_local`` of ``total``."""
+
+    x: Tensor
+    offset: int
+    total: int
+
+    @classmethod
+    def of(cls, x: Tensor, comm: Comm) -> Shard:
+        counts = comm.gather(torch.tensor([x.shape[0]], dtype=torch.int64))
+        return cls(x=x, offset=int(counts[: comm.rank].sum()), total=int(counts.sum()))
+
+    def rows(self, index: Tensor, comm: Comm) -> Tensor:
+        """The vectors of global rows ``index`` [M] on every rank ([M, D]): owners contribute, the rest add 0."""
+        local = index - self.offset
+        mine = (local >= 0) & (local < self.x.shape[0])
+        out = self.x.new_zeros(index.shape[0], self.x.shape[1])
+        out[mine] = self.x[local[mine]]
+        return comm.sum(out)
+
+
+def sharded_pp_init(
+    shard: Shard,
+    n_centers: int,
+    comm: Comm,
+    *,
+    generator: torch.Generator,
+    n_trials: int | None = None,
+) -> Tensor:
+    """Greedy k-medoids++ seeding (as :func:`kernels.kmedoids.kmedoids_pp_init`, unclipped) over sharded rows.
+
+    Returns:
+        [n_centers] int64 global row indices, the same on every rank.
+    """
+    x, n = shard.x, shard.total
+    if not 1 <= n_centers <= n:
+        raise ValueError(f"n_centers must be in [1, {n}], got {n_centers}")
+    trials = n_trials if n_trials is not None else 2 + int(math.log(n_centers))
+    centers = torch.empty(n_centers, dtype=torch.int64)
+    is_center = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    first = int(torch.randint(n, (1,), generator=generator))
+    centers[0] = first
+    _mark(is_center, first, shard)
+    closest = _distance(x @ shard.rows(torch.tensor([first]), comm)[0], False).square_()
+    for j in range(1, n_centers):
+        u = torch.rand(trials, generator=generator, dtype=torch.float64)
+        cumulative = torch.cumsum(closest, 0)
+        local_total = cumulative[-1:] if cumulative.numel() else closest.new_zeros(1)
+        totals = comm.gather(local_total.reshape(1).cpu())
+        potential = totals.sum() if comm.world > 1 else totals[0]
+        if float(potential) > 0.0:
+            target = u * potential
+            starts = torch.cumsum(totals, 0) - totals
+            owner = (torch.searchsorted(torch.cumsum(totals, 0), target, right=False)).clamp_(max=comm.world - 1)
+            local = torch.searchsorted(cumulative.cpu(), target - starts[comm.rank]).clamp_(max=x.shape[0] - 1)
+            cand = torch.where(owner == comm.rank, local + shard.offset, torch.zeros_like(local))
+            cand = comm.sum(cand)
+        else:  # every row coincides with a center: the lowest-index row not chosen yet
+            free = (~is_center).nonzero()[:1, 0].cpu() + shard.offset
+            low = comm.min(free if free.numel() else torch.tensor([n]))
+            cand = low.repeat(trials)
+        cand_sims = shard.rows(cand, comm) @ x.T  # [trials, n_local]
+        new_closest = torch.minimum(closest, _distance(cand_sims, False).square_())
+        best = int(comm.sum(new_closest.sum(1).cpu()).argmin())
+        chosen = int(cand[best])
+        centers[j] = chosen
+        _mark(is_center, chosen, shard)
+        closest = new_closest[best]
+    return centers
+
+
+def _mark(is_center: Tensor, row: int, shard: Shard) -> None:
+    if shard.offset <= row < shard.offset + shard.x.shape[0]:
+        is_center[row - shard.offset] = True
+
+
+@dataclass(frozen=True)
+class ShardedFit:
+    """One K-medoids fit over sharded rows: ``labels`` are this rank's rows', ``medoids`` global row indices."""
+
+    medoids: Tensor
+    labels: Tensor
+    n_iter: int
+    converged: bool
+    objective: float
+    silhouette: float
+    stats: list[dict[str, Any]] = field(default_factory=list)
+
+
+def sharded_fit(
+    shard: Shard,
+    init: Tensor,
+    comm: Comm,
+    *,
+    backend: ClusterBackend | None = None,
+    max_iter: int = 300,
+    with_silhouette: bool = True,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> ShardedFit:
+    """Alternating cosine K-medoids from global init rows ``init`` [K] (the search strategy's iteration)."""
+    x, k = shard.x, int(init.numel())
+    backend = backend or TorchBackend(block_size=block_size)
+    sq_norms = squared_norms(x)
+    medoids = init.to(torch.int64).clone()
+    labels, sims = backend.assign(x, shard.rows(medoids, comm).to(x.dtype))
+    positions = torch.arange(x.shape[0], device=x.device) + shard.offset
+    stats: list[dict[str, Any]] = []
+    converged, n_iter = False, max_iter
+    for it in range(1, max_iter + 1):
+        sums = comm.sum(torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x))
+        counts = comm.sum(torch.bincount(labels, minlength=k))
+        score = _medoid_scores_blocked(x, labels, sums, sq_norms, block_size)
+        top = torch.full((k,), float("-inf"), dtype=score.dtype, device=x.device)
+        top = comm.max(top.scatter_reduce(0, labels, score, reduce="amax", include_self=True))
+        tol = tie_tolerance(x, counts).to(x.device)
+        tied = score >= (top - tol)[labels]
+        first = torch.full((k,), shard.total, dtype=torch.int64, device=x.device)
+        first = comm.min(first.scatter_reduce(0, labels[tied], positions[tied], reduce="amin", include_self=True))
+        new_medoids = torch.where(first < shard.total, first.cpu(), medoids)
+        moved = int((new_medoids != medoids).sum())
+        medoids = new_medoids
+        switched = 0
+        if moved:
+            new_labels, sims = backend.assign(x, shard.rows(medoids, comm).to(x.dtype))
+            switched = int(comm.sum(torch.tensor([int((new_labels != labels).sum())]))[0])
+            labels = new_labels
+        stats.append({"iter": it, "moved_medoids": moved, "moved_points": switched})
+        if moved == 0:
+            converged, n_iter = True, it
+            break
+    dist = _distance(sims, False)
+    local = medoids - shard.offset
+    own = (local >= 0) & (local < x.shape[0])
+    dist[local[own].to(x.device)] = 0.0
+    objective = float(comm.sum(dist.sum().reshape(1).cpu())[0])
+    silhouette = math.nan
+    if with_silhouette:
+        sums = comm.sum(torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x))
+        counts = comm.sum(torch.bincount(labels, minlength=k))
+        total = silhouette_from_gram(sums @ x.T, labels, counts, sq_norms, block_size=block_size, reduce="sum")
+        total = comm.sum(total.reshape(1).cpu())[0]
+        if bool(silhouette_is_defined(counts, shard.total)):
+            silhouette = float(total) / shard.total
+    return ShardedFit(
+        medoids=medoids,
+        labels=labels,
+        n_iter=n_iter,
+        converged=converged,
+        objective=objective,
+        silhouette=silhouette,
+        stats=stats,
+    )
+
+
+@dataclass(frozen=True)
+class ShardedSweep:
+    """The best fit of a sharded K sweep (``fit.labels``: this rank's rows) and every K's silhouette."""
+
+    k: int
+    fit: ShardedFit
+    silhouettes: dict[int, float]
+    stats: list[dict[str, Any]]
+    strategy: str = "sharded"
+
+
+def sharded_sweep(
+    x: Tensor,
+    ks: Sequence[int],
+    comm: Comm,
+    *,
+    generator: torch.Generator,
+    max_iter: int = 300,
+    n_trials: int | None = None,
+    backend: ClusterBackend | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    on_k: Callable[[dict[str, Any]], None] | None = None,
+) -> ShardedSweep:
+    """K sweep over sharded rows: one k-medoids++ draw, a fit per K, the best silhouette wins (smallest K on ties).
+
+    Args:
+        x: [n_local, D] this rank's L2-normalised rows (global order = rank order).
+        ks: candidate K values, each in [2, N - 1] for the global N.
+        comm: collectives (:class:`LocalComm` for one process).
+        generator: CPU generator, seeded alike on every rank.
+    """
+    shard = Shard.of(x, comm)
+    ks = sorted(set(int(k) for k in ks))
+    if not ks or ks[0] < 2 or ks[-1] > shard.total - 1:
+        raise ValueError(f"every K must be in [2, {shard.total - 1}] for {shard.total} rows; got {ks}")
+    t0 = time.perf_counter()
+    centers = sharded_pp_init(shard, ks[-1], comm, generator=generator, n_trials=n_trials)
+    init_seconds = time.perf_counter() - t0
+    best: tuple[float, int, ShardedFit] | None = None
+    silhouettes: dict[int, float] = {}
+    stats: list[dict[str, Any]] = []
+    for i, k in enumerate(ks):
+        t0 = time.perf_counter()
+        fit = sharded_fit(shard, centers[:k], comm, backend=backend, max_iter=max_iter, block_size=block_size)
+        entry = {
+            "k": k,
+            "silhouette": fit.silhouette,
+            "n_iter": fit.n_iter,
+            "converged": fit.converged,
+            "objective": fit.objective,
+            "seconds": time.perf_counter() - t0 + (init_seconds if i == 0 else 0.0),
+        }
+        silhouettes[k] = fit.silhouette
+        stats.append(entry)
+        if on_k is not None:
+            on_k(entry)
+        key = float("-inf") if math.isnan(fit.silhouette) else fit.silhouette
+        if best is None or key > best[0]:
+            best = (key, k, fit)
+    assert best is not None
+    return ShardedSweep(k=best[1], fit=best[2], silhouettes=silhouettes, stats=stats)
