@@ -36,7 +36,9 @@ def discovery_options(command: F) -> F:
         click.option("--seed", default=0, show_default=True, help="Seed of the k-medoids++ initialisation."),
         click.option("--k", "k", type=int, default=None, help="Fixed number of clusters (default: silhouette sweep)."),
         click.option("--clip-distance", is_flag=True, help="The released code's clipped cosine distance (O(N^2))."),
-        click.option("--strategy", type=click.Choice(["auto", "cached", "search"]), default="auto", show_default=True),
+        click.option(
+            "--strategy", type=click.Choice(["auto", "cached", "search", "sharded"]), default="auto", show_default=True
+        ),
         click.option("--backend", type=click.Choice(["auto", "torch", "faiss"]), default="auto", show_default=True),
         click.option("--device", default=None, help="torch device (cpu, cuda, cuda:1); default cpu."),
         click.option("--top", default=10, show_default=True, help="Regions per cluster in the printed summary."),
@@ -208,16 +210,21 @@ def cluster_cmd(
 
     from ravl_engine.cluster import ClusterConfig, run_cluster  # noqa: PLC0415
     from ravl_engine.config import DiscoverConfig  # noqa: PLC0415
+    from ravl_engine.distributed import init_from_env, rank_world  # noqa: PLC0415
 
     try:
         discover_cfg = DiscoverConfig(
             k=k, clip_distance=clip_distance, strategy=strategy, backend=backend, device=device
         )
         cfg = ClusterConfig(run_dir=run_dir, out=out, seed=seed, discover=discover_cfg)
-        with tqdm(desc="K sweep", unit="K", file=sys.stderr, disable=not progress) as bar:
+        init_from_env(device or "cpu")  # under torchrun: the ranks share the region embeddings
+        rank, world = rank_world()
+        with tqdm(desc="K sweep", unit="K", file=sys.stderr, disable=not progress or rank != 0) as bar:
             result = run_cluster(cfg, on_k=lambda _entry: bar.update(1))
     except RavlEngineError as err:
         raise click.ClickException(str(err)) from err
+    if rank != 0:
+        return
     doc = result.document
     from ravl_engine.report import summary_table  # noqa: PLC0415
 

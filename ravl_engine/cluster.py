@@ -11,11 +11,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from kernels.sharded import TorchComm
 from ravl_engine.config import DiscoverConfig, config_from_dict
 from ravl_engine.discover import DiscoveryResult, run_discover
+from ravl_engine.distributed import barrier, rank_world
 from ravl_engine.errors import ConfigError
 from ravl_engine.report import write_report
-from ravl_engine.shards import read_run, write_json_atomic
+from ravl_engine.shards import load_run_manifest, read_run, write_json_atomic
 from ravl_engine.zeroshot import TEMPERATURE, zero_shot_probs
 
 logger = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ def discovery_document(
     ids: list[str],
     boxes: np.ndarray,
     region_offsets: np.ndarray,
-    region_emb: np.ndarray,
+    medoid_emb: np.ndarray,
     audit: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The discovery.json document: clusters ranked, each with its table, medoid and all its regions, best first.
@@ -103,7 +105,7 @@ def discovery_document(
                     }
                     for row in c.table
                 ],
-                "medoid": region_emb[c.medoid].astype(float).tolist(),
+                "medoid": medoid_emb[c.cluster_id].astype(float).tolist(),
                 "regions": [
                     {"image": ids[int(region_image[r])], "box": boxes[r].astype(float).tolist(), "similarity": float(s)}
                     for r, s in zip(c.region_indices, c.similarities, strict=True)
@@ -114,10 +116,10 @@ def discovery_document(
         "format": DISCOVERY_FORMAT,
         "k": result.k,
         "classes": classes,
-        "embedding_dim": int(region_emb.shape[1]),
+        "embedding_dim": int(medoid_emb.shape[1]),
         "audit": dict(audit or {}),
         "clusters": clusters,
-        "medoids": region_emb[result.medoids].astype(float).tolist(),
+        "medoids": medoid_emb.astype(float).tolist(),
     }
 
 
@@ -143,7 +145,15 @@ def run_cluster(cfg: ClusterConfig, *, on_k: Callable[[dict[str, Any]], None] | 
         ShardError: not a complete run directory of this format.
         ConfigError: images without labels, too few regions for the K sweep, bad embeddings.
     """
-    run = read_run(cfg.run_dir)
+    rank, world = rank_world()
+    comm = TorchComm() if world > 1 else None
+    region_shards = None
+    if comm is not None:  # each rank reads the region embeddings of a contiguous run of shards
+        n_shards = len((load_run_manifest(Path(cfg.run_dir)) or {}).get("shards", []))
+        chunks = np.array_split(np.arange(n_shards), world)
+        mine = chunks[rank]
+        region_shards = range(int(mine[0]), int(mine[-1]) + 1) if mine.size else range(n_shards, n_shards)
+    run = read_run(cfg.run_dir, region_shards=region_shards)
     data = run.data
     unlabeled = np.flatnonzero(data.labels < 0)
     if unlabeled.size:
@@ -154,6 +164,8 @@ def run_cluster(cfg: ClusterConfig, *, on_k: Callable[[dict[str, Any]], None] | 
     text = torch.from_numpy(run.text_emb)
     image_probs = zero_shot_probs(torch.from_numpy(data.image_emb), text, temperature=cfg.temperature)
     region_probs = zero_shot_probs(torch.from_numpy(data.region_emb), text, temperature=cfg.temperature)
+    if comm is not None:
+        region_probs = comm.gather(region_probs)
     result = run_discover(
         cfg.discover,
         data.region_emb,
@@ -163,22 +175,26 @@ def run_cluster(cfg: ClusterConfig, *, on_k: Callable[[dict[str, Any]], None] | 
         region_probs,
         seed=cfg.seed,
         on_k=on_k,
+        comm=comm,
     )
+    assert result.medoid_embeddings is not None
     document = discovery_document(
         result,
         classes=run.classes,
         ids=data.ids,
         boxes=data.boxes,
         region_offsets=data.offsets,
-        region_emb=data.region_emb,
+        medoid_emb=result.medoid_embeddings,
         audit=_audit(run.manifest),
     )
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / DISCOVERY_NAME
-    write_json_atomic(path, document)
     report = None
-    if cfg.report:
-        folder = Path(run.manifest.get("data", {}).get("path", ".")).parent
-        report = str(write_report(document, out / REPORT_NAME, image_folder=folder))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, document)
+        if cfg.report:
+            folder = Path(run.manifest.get("data", {}).get("path", ".")).parent
+            report = str(write_report(document, out / REPORT_NAME, image_folder=folder))
+    barrier()
     return ClusterResult(path=str(path), discovery=result, document=document, report=report)

@@ -16,7 +16,7 @@ from ravl_engine.errors import ConfigError
 T = TypeVar("T")
 
 BACKENDS = ("auto", "torch", "faiss")
-STRATEGIES = ("auto", "cached", "search")
+STRATEGIES = ("auto", "cached", "search", "sharded")
 NORMALIZE_MODES = ("warn", "error")
 
 
@@ -50,7 +50,9 @@ class DiscoverConfig:
             True.
         strategy: K-medoids strategy: "cached" keeps [K, N] similarity tables and runs the sweep's fits in
             lockstep (fastest); "search" keeps none and assigns by top-1 search each iteration (for N x K too large
-            to cache); "auto" (default) caches when two [max K, N] tables fit ``memory_budget_mb``.
+            to cache); "sharded" is the search iteration written for rows spread over torch.distributed ranks (the
+            code path of a multi-process run, here with one process); "auto" (default) caches when two [max K, N]
+            tables fit ``memory_budget_mb``, and is "sharded" under a multi-process launch.
         memory_budget_mb: MiB for the cached strategy's tables; more lets more K values run in one batch.
         backend: top-1 search backend of the "search" strategy: "auto" (Faiss for CUDA inputs when faiss sees a
             GPU, else torch blocked matmul, measured faster on CPU), "torch" or "faiss".
@@ -97,8 +99,8 @@ class DiscoverConfig:
             raise ConfigError(f"max_iter must be >= 1, got {self.max_iter}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        if self.strategy == "search" and self.clip_distance:
-            raise ConfigError("clip_distance=True needs strategy 'cached' or 'auto'")
+        if self.strategy in ("search", "sharded") and self.clip_distance:
+            raise ConfigError(f"clip_distance=True needs strategy 'cached' or 'auto', not {self.strategy!r}")
         if self.memory_budget_mb < 1:
             raise ConfigError(f"memory_budget_mb must be >= 1, got {self.memory_budget_mb}")
         if self.backend not in BACKENDS:

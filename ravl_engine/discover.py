@@ -12,7 +12,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from torch import Tensor
 from kernels.backends import get_backend
 from kernels.kmedoids import kmedoids_sweep
 from kernels.scoring import ClusterScores, best_regions, rank_members, score_clusters, select_clusters
+from kernels.sharded import Comm, LocalComm, Shard, sharded_sweep
 from ravl_engine.config import DiscoverConfig
 from ravl_engine.errors import ConfigError, RavlEngineWarning
 
@@ -106,6 +107,7 @@ class DiscoveryResult:
         influence: [K] float64, H_c of every cluster (-inf when no image qualifies).
         timings: seconds per step ("validate", "cluster", "score", "rank").
         sweep: per-K stats of the sweep (silhouette, iterations, seconds).
+        medoid_embeddings: [K, D] float32, every cluster's medoid row (what mitigation assigns new regions to).
     """
 
     clusters: list[FeatureCluster]
@@ -117,6 +119,7 @@ class DiscoveryResult:
     influence: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
     sweep: list[dict[str, Any]] = field(default_factory=list)
+    medoid_embeddings: np.ndarray | None = None
 
     def to_dict(self, *, max_regions: int | None = 100) -> dict[str, Any]:
         """JSON-ready summary; each cluster lists at most ``max_regions`` region indices (None: all)."""
@@ -149,7 +152,9 @@ def _as_index(name: str, value: Any, *, length: int | None = None) -> Tensor:
     return t.to(torch.int64)
 
 
-def _as_float_matrix(name: str, value: Any, *, rows: int, rows_from: str, cols: int | None = None) -> Tensor:
+def _as_float_matrix(
+    name: str, value: Any, *, rows: int, rows_from: str, cols: int | None = None, row_offset: int = 0
+) -> Tensor:
     t = _as_tensor(name, value)
     if t.ndim != 2:
         raise ConfigError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
@@ -162,7 +167,7 @@ def _as_float_matrix(name: str, value: Any, *, rows: int, rows_from: str, cols: 
     for start in range(0, t.shape[0], 65536):  # in blocks: no [R, D] bool temporary
         bad = ~torch.isfinite(t[start : start + 65536]).all(dim=1)
         if bool(bad.any()):
-            row = start + int(bad.nonzero()[0, 0])
+            row = row_offset + start + int(bad.nonzero()[0, 0])
             raise ConfigError(f"{name} row {row} contains NaN or inf; drop or fix that row")
     return t
 
@@ -176,6 +181,45 @@ def _check_probabilities(name: str, scores: Tensor) -> None:
             f"{name} must hold softmax probabilities (rows >= 0 summing to 1) but row {row} does not; "
             "apply softmax(logits / temperature) first"
         )
+
+
+def _check_norms(x: Tensor, cfg: DiscoverConfig, n_regions: int, offset: int) -> Tensor:
+    norms = x.norm(dim=1)
+    if bool((norms == 0).any()):
+        raise ConfigError(
+            f"region_embeddings row {offset + int((norms == 0).nonzero()[0, 0])} is all zeros and has no "
+            "direction; drop that region"
+        )
+    off = (norms - 1.0).abs() > cfg.norm_tolerance
+    if bool(off.any()):
+        row = int(off.nonzero()[0, 0])
+        msg = (
+            f"region_embeddings: {int(off.sum())} of {n_regions} rows are not unit-norm (row {offset + row} has "
+            f"norm {float(norms[row]):.4g})"
+        )
+        if cfg.normalize == "error":
+            raise ConfigError(msg + "; L2-normalise them or use normalize='warn'")
+        warnings.warn(msg + "; re-normalised them", RavlEngineWarning, stacklevel=5)
+        x = x / norms[:, None]
+    return x
+
+
+T = TypeVar("T")
+
+
+def _collectively(comm: Comm | None, check: Callable[[], T]) -> T:
+    """Run a check of this rank's rows; if it fails on any rank, every rank raises (none waits forever)."""
+    try:
+        out, error = check(), None
+    except ConfigError as err:
+        out, error = None, err
+    if comm is not None and comm.world > 1:
+        failed = int(comm.max(torch.tensor([0 if error is None else 1]))[0])
+        if failed and error is None:
+            raise ConfigError("region_embeddings: another rank found bad rows (its error names them)")
+    if error is not None:
+        raise error
+    return out  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +240,7 @@ def _validate(
     image_scores: Any,
     region_scores: Any,
     cfg: DiscoverConfig,
+    comm: Comm | None = None,
 ) -> _Inputs:
     counts = _as_index("num_regions", num_regions)
     n_images = counts.shape[0]
@@ -204,7 +249,27 @@ def _validate(
     if bool((counts < 0).any()):
         raise ConfigError(f"num_regions must be >= 0; entry {int((counts < 0).nonzero()[0, 0])} is negative")
     n_regions = int(counts.sum())
-    x = _as_float_matrix("region_embeddings", region_embeddings, rows=n_regions, rows_from="sum(num_regions)")
+    local_rows, offset = n_regions, 0
+    if comm is not None:  # this rank holds rows offset .. offset + local_rows of the region embeddings
+        shape = _as_tensor("region_embeddings", region_embeddings).shape
+        local_rows = int(shape[0]) if len(shape) else 0
+        sizes = comm.gather(torch.tensor([local_rows], dtype=torch.int64))
+        offset = int(sizes[: comm.rank].sum())
+        if int(sizes.sum()) != n_regions:
+            raise ConfigError(
+                f"region_embeddings: the ranks hold {int(sizes.sum())} rows together but sum(num_regions) says "
+                f"{n_regions}"
+            )
+    x = _collectively(
+        comm,
+        lambda: _as_float_matrix(
+            "region_embeddings",
+            region_embeddings,
+            rows=local_rows,
+            rows_from="sum(num_regions)" if comm is None else "this rank's share",
+            row_offset=offset,
+        ),
+    )
     if x.shape[1] < 1:
         raise ConfigError("region_embeddings has 0 columns; pass [R, D] embeddings with D >= 1")
     img_scores = _as_float_matrix("image_scores", image_scores, rows=n_images, rows_from="len(num_regions)")
@@ -235,23 +300,7 @@ def _validate(
     device = torch.device(cfg.device) if cfg.device is not None else x.device
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     x = x.to(device=device, dtype=dtype)
-    norms = x.norm(dim=1)
-    if bool((norms == 0).any()):
-        raise ConfigError(
-            f"region_embeddings row {int((norms == 0).nonzero()[0, 0])} is all zeros and has no direction; "
-            "drop that region"
-        )
-    off = (norms - 1.0).abs() > cfg.norm_tolerance
-    if bool(off.any()):
-        row = int(off.nonzero()[0, 0])
-        msg = (
-            f"region_embeddings: {int(off.sum())} of {n_regions} rows are not unit-norm (row {row} has norm "
-            f"{float(norms[row]):.4g})"
-        )
-        if cfg.normalize == "error":
-            raise ConfigError(msg + "; L2-normalise them or use normalize='warn'")
-        warnings.warn(msg + "; re-normalised them", RavlEngineWarning, stacklevel=4)
-        x = x / norms[:, None]
+    x = _collectively(comm, lambda: _check_norms(x, cfg, n_regions, offset))
 
     region_image = torch.repeat_interleave(torch.arange(n_images), counts)
     return _Inputs(
@@ -292,11 +341,19 @@ def run_discover(
     *,
     seed: int = 0,
     on_k: Callable[[dict[str, Any]], None] | None = None,
+    comm: Comm | None = None,
 ) -> DiscoveryResult:
-    """Run discovery with an explicit config. See :func:`discover` for the arguments."""
+    """Run discovery with an explicit config. See :func:`discover` for the arguments.
+
+    With ``comm`` (a multi-process run: :class:`kernels.sharded.TorchComm`), ``region_embeddings`` is this rank's
+    contiguous share of the rows (ranks in order) and every other array is the whole run's; clustering runs the
+    sharded K-medoids and every rank returns the same result. ``strategy="sharded"`` runs that code in one process.
+    """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    inp = _validate(region_embeddings, num_regions, image_labels, image_scores, region_scores, cfg)
+    if comm is None and cfg.strategy == "sharded":
+        comm = LocalComm()
+    inp = _validate(region_embeddings, num_regions, image_labels, image_scores, region_scores, cfg, comm)
     timings["validate"] = time.perf_counter() - t0
     logger.info(
         "discover: %d regions x %d dims, %d images, %d classes, device %s",
@@ -310,28 +367,52 @@ def run_discover(
     t0 = time.perf_counter()
     backend = get_backend(cfg.backend, device=inp.x.device, block_size=cfg.block_size)
     generator = torch.Generator().manual_seed(seed)
-    sweep = kmedoids_sweep(
-        inp.x,
-        cfg.k_values(inp.num_classes),
-        generator=generator,
-        max_iter=cfg.max_iter,
-        clip=cfg.clip_distance,
-        strategy=cfg.strategy,
-        backend=backend,
-        n_trials=cfg.init_trials,
-        block_size=cfg.block_size,
-        memory_budget=cfg.memory_budget_mb << 20,
-        on_k=on_k,
-    )
+    ks = cfg.k_values(inp.num_classes)
+    if comm is not None:
+        if cfg.clip_distance:
+            raise ConfigError("clip_distance=True is not available for sharded (multi-process) discovery")
+        sharded = sharded_sweep(
+            inp.x,
+            ks,
+            comm,
+            generator=generator,
+            max_iter=cfg.max_iter,
+            n_trials=cfg.init_trials,
+            backend=backend,
+            block_size=cfg.block_size,
+            on_k=on_k,
+        )
+        k, silhouettes, sweep_stats = sharded.k, sharded.silhouettes, sharded.stats
+        local_labels = sharded.fit.labels
+        labels = comm.gather(local_labels)
+        medoids = sharded.fit.medoids.to(labels.device)
+        shard = Shard.of(inp.x, comm)
+        medoid_emb = shard.rows(medoids.cpu(), comm)
+    else:
+        sweep = kmedoids_sweep(
+            inp.x,
+            ks,
+            generator=generator,
+            max_iter=cfg.max_iter,
+            clip=cfg.clip_distance,
+            strategy=cfg.strategy,
+            backend=backend,
+            n_trials=cfg.init_trials,
+            block_size=cfg.block_size,
+            memory_budget=cfg.memory_budget_mb << 20,
+            on_k=on_k,
+        )
+        k, silhouettes, sweep_stats = sweep.k, sweep.silhouettes, sweep.stats
+        labels, medoids = sweep.fit.labels, sweep.fit.medoids
+        medoid_emb = inp.x[medoids]
     timings["cluster"] = time.perf_counter() - t0
-    fit = sweep.fit
-    logger.info("discover: K = %d (silhouette %.4f)", sweep.k, sweep.silhouettes[sweep.k])
+    logger.info("discover: K = %d (silhouette %.4f)", k, silhouettes[k])
 
     t0 = time.perf_counter()
     best = best_regions(inp.region_scores, inp.region_image, inp.image_pred, inp.num_regions.shape[0])
     scores = score_clusters(
-        fit.labels,
-        sweep.k,
+        labels,
+        k,
         region_image=inp.region_image,
         num_regions=inp.num_regions,
         image_labels=inp.image_labels,
@@ -348,8 +429,11 @@ def run_discover(
     t0 = time.perf_counter()
     clusters = []
     for rank, c in enumerate(kept, start=1):
-        medoid = int(fit.medoids[c])
-        members, sims = rank_members(inp.x, fit.labels, c, medoid)
+        medoid = int(medoids[c])
+        if comm is not None:
+            members, sims = _rank_members_sharded(shard, local_labels, c, medoid_emb[c], comm)
+        else:
+            members, sims = rank_members(inp.x, labels, c, medoid)
         clusters.append(
             FeatureCluster(
                 rank=rank,
@@ -364,18 +448,31 @@ def run_discover(
             )
         )
     timings["rank"] = time.perf_counter() - t0
-    logger.info("discover: %d of %d clusters passed the filter", len(clusters), sweep.k)
+    logger.info("discover: %d of %d clusters passed the filter", len(clusters), k)
     return DiscoveryResult(
         clusters=clusters,
-        k=sweep.k,
-        silhouettes=sweep.silhouettes,
-        assignments=fit.labels.cpu().numpy(),
-        medoids=fit.medoids.cpu().numpy(),
+        k=k,
+        silhouettes=silhouettes,
+        assignments=labels.cpu().numpy(),
+        medoids=medoids.cpu().numpy(),
         gap_total=scores.gap_total.cpu().numpy(),
         influence=scores.influence.cpu().numpy(),
         timings=timings,
-        sweep=sweep.stats,
+        sweep=sweep_stats,
+        medoid_embeddings=medoid_emb.float().cpu().numpy(),
     )
+
+
+def _rank_members_sharded(
+    shard: Shard, local_labels: Tensor, cluster: int, medoid: Tensor, comm: Comm
+) -> tuple[Tensor, Tensor]:
+    """:func:`kernels.scoring.rank_members` over sharded rows: local similarities, gathered in rank (= index) order,
+    then one stable sort, so ties keep the lower index as in one process."""
+    members = (local_labels == cluster).nonzero().squeeze(1)
+    sims = comm.gather(shard.x[members] @ medoid.to(shard.x.dtype))
+    members = comm.gather(members + shard.offset)
+    order = torch.sort(sims, descending=True, stable=True).indices
+    return members[order], sims[order]
 
 
 def discover(

@@ -123,8 +123,9 @@ def write_shard(path: Path, spec: ShardSpec, data: ShardData) -> str:
     return sha256_file(path)
 
 
-def read_shard(path: Path) -> ShardData:
-    """Read one shard; schema problems raise ShardError naming the file."""
+def read_shard(path: Path, *, region_emb: bool = True) -> ShardData:
+    """Read one shard (without its region embeddings when ``region_emb`` is False: a [0, D] array then); schema
+    problems raise ShardError naming the file."""
     import h5py  # noqa: PLC0415
 
     try:
@@ -142,7 +143,9 @@ def read_shard(path: Path) -> ShardData:
                 image_emb=fh["images/emb"][()],
                 offsets=fh["images/region_offset"][()],
                 boxes=fh["regions/box"][()],
-                region_emb=fh["regions/emb"][()],
+                region_emb=fh["regions/emb"][()]
+                if region_emb
+                else np.zeros((0, fh["regions/emb"].shape[1]), np.float32),
                 scores=fh["regions/proposer_score"][()],
                 region_labels=region_labels,
             )
@@ -202,10 +205,15 @@ class RunData:
     data: ShardData
     classes: list[str]
     text_emb: np.ndarray
+    region_offset: int = 0  # global index of data.region_emb[0] (a rank's share of a multi-process read)
 
 
-def read_run(run_dir: str | Path) -> RunData:
+def read_run(run_dir: str | Path, *, region_shards: range | None = None) -> RunData:
     """Read every shard of a complete run directory, in order, and the class text embeddings.
+
+    With ``region_shards`` only those shards' region embeddings are read (and their sha256 checked): a rank's share
+    of a multi-process discovery; ``data.region_emb`` then holds rows ``region_offset ..`` of the run's regions and
+    every other array is whole.
 
     Raises:
         ShardError: no manifest, an incomplete run (shards missing), a shard whose sha256 or dimension does not
@@ -219,13 +227,18 @@ def read_run(run_dir: str | Path) -> RunData:
         raise ShardError(f"{run_dir}: the embed run is incomplete; re-run the same embed command to finish it")
     dim = int(manifest["embedding_dim"])
     parts = []
-    for entry in manifest["shards"]:
+    region_offset = 0
+    for index, entry in enumerate(manifest["shards"]):
         path = run_dir / entry["file"]
         if not path.exists():
             raise ShardError(f"{path}: listed in {MANIFEST_NAME} but missing; re-run embed to rebuild it")
-        if sha256_file(path) != entry["sha256"]:
+        mine = region_shards is None or index in region_shards
+        if region_shards is not None and index < region_shards.start:
+            region_offset += int(entry["n_regions"])
+        # each shard is hashed by the one rank that reads its embeddings
+        if mine and sha256_file(path) != entry["sha256"]:
             raise ShardError(f"{path}: contents do not match {MANIFEST_NAME} (sha256); re-run embed to rebuild it")
-        shard = read_shard(path)
+        shard = read_shard(path, region_emb=mine)
         if shard.image_emb.shape[1] != dim or shard.region_emb.shape[1] != dim:
             raise ShardError(f"{path}: embedding dim {shard.image_emb.shape[1]} but the run says {dim}")
         parts.append(shard)
@@ -246,4 +259,4 @@ def read_run(run_dir: str | Path) -> RunData:
         scores=np.concatenate([p.scores for p in parts]) if parts else np.zeros(0, np.float32),
         region_labels=[x for p in parts for x in (p.region_labels or [])] if labels_present and parts else None,
     )
-    return RunData(manifest=manifest, data=data, classes=classes, text_emb=text_emb)
+    return RunData(manifest=manifest, data=data, classes=classes, text_emb=text_emb, region_offset=region_offset)

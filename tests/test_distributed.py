@@ -129,3 +129,169 @@ def test_torchrun_runs_the_embed_command(dataset, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads(res.stdout)
     assert summary["world_size"] == 2 and summary["n_images"] == 36 and summary["n_regions"] == 144
+
+
+def _cluster_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from ravl_engine.cluster import ClusterConfig, run_cluster
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        result = run_cluster(ClusterConfig(run_dir=run_dir, out=out, report=False))
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result.document))
+    finally:
+        dist.destroy_process_group()
+
+
+def _ranked(doc: dict) -> list:
+    return [
+        (c["rank"], c["cluster_id"], c["class"], [(r["image"], r["box"]) for r in c["regions"]])
+        for c in doc["clusters"]
+    ]
+
+
+def test_two_ranks_discover_what_one_process_does(dataset, tmp_path):
+    from ravl_engine.cluster import ClusterConfig, run_cluster
+    from ravl_engine.config import DiscoverConfig
+
+    run_dir = tmp_path / "run"
+    run_embed(EmbedConfig(data=str(dataset), out=str(run_dir), shard_size=8, batch_size=4))
+    single = run_cluster(ClusterConfig(run_dir=str(run_dir), out=str(tmp_path / "one"), report=False)).document
+    sharded = run_cluster(
+        ClusterConfig(
+            run_dir=str(run_dir),
+            out=str(tmp_path / "one-sharded"),
+            report=False,
+            discover=DiscoverConfig(strategy="sharded"),
+        )
+    ).document
+    out = tmp_path / "two"
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_cluster_worker, args=(r, 2, port, str(run_dir), str(out))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    docs = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    written = json.loads((out / "discovery.json").read_text())
+    for doc in (sharded, *docs, written):
+        assert doc["k"] == single["k"] and _ranked(doc) == _ranked(single)
+        np.testing.assert_allclose(doc["medoids"], single["medoids"], atol=1e-6)
+        for a, b in zip(doc["clusters"], single["clusters"], strict=True):
+            assert a["gap"] == pytest.approx(b["gap"]) and a["influence"] == pytest.approx(b["influence"])
+
+
+def _discover_worker(rank: int, world: int, port: int, split: list[int], path: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from kernels.sharded import TorchComm
+    from ravl_engine.config import DiscoverConfig
+    from ravl_engine.discover import run_discover
+    from ravl_engine.synth import planted_embeddings
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        ps = planted_embeddings(1200, dim=32, num_classes=4, seed=3)
+        start = sum(split[:rank])
+        result = run_discover(
+            DiscoverConfig(),
+            ps.region_embeddings[start : start + split[rank]],
+            ps.num_regions,
+            ps.image_labels,
+            ps.image_scores,
+            ps.region_scores,
+            seed=1,
+            comm=TorchComm(),
+        )
+        torch.save(result, f"{path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("split", [[600, 600], [1001, 199]])
+def test_two_ranks_rank_the_same_clusters_as_one_process(tmp_path, split):
+    import torch
+
+    from ravl_engine.config import DiscoverConfig
+    from ravl_engine.discover import run_discover
+    from ravl_engine.synth import planted_embeddings
+
+    ps = planted_embeddings(1200, dim=32, num_classes=4, seed=3)
+    args = (ps.region_embeddings, ps.num_regions, ps.image_labels, ps.image_scores, ps.region_scores)
+    want = run_discover(DiscoverConfig(), *args, seed=1)
+    one = run_discover(DiscoverConfig(strategy="sharded"), *args, seed=1)
+    assert want.clusters, "the planted set should give at least one cluster"
+    path = str(tmp_path / "result")
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_discover_worker, args=(r, 2, port, split, path)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    for got in (one, *(torch.load(f"{path}.{r}", weights_only=False) for r in range(2))):
+        assert got.k == want.k and np.array_equal(got.medoids, want.medoids)
+        assert np.array_equal(got.assignments, want.assignments)
+        assert [c.cluster_id for c in got.clusters] == [c.cluster_id for c in want.clusters]
+        for a, b in zip(got.clusters, want.clusters, strict=True):
+            assert np.array_equal(a.region_indices, b.region_indices) and a.class_index == b.class_index
+            assert a.gap == pytest.approx(b.gap) and a.influence == pytest.approx(b.influence)
+        np.testing.assert_allclose(got.medoid_embeddings, want.medoid_embeddings, atol=1e-6)
+
+
+def _bad_rows_worker(rank: int, world: int, port: int, path: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from kernels.sharded import TorchComm
+    from ravl_engine.config import DiscoverConfig
+    from ravl_engine.discover import run_discover
+    from ravl_engine.errors import ConfigError
+    from ravl_engine.synth import planted_embeddings
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    try:
+        ps = planted_embeddings(400, dim=16, num_classes=2, seed=0)
+        x = ps.region_embeddings.copy()
+        x[250] = np.nan  # on rank 1 (rows 200..399)
+        mine = x[rank * 200 : (rank + 1) * 200]
+        try:
+            run_discover(
+                DiscoverConfig(),
+                mine,
+                ps.num_regions,
+                ps.image_labels,
+                ps.image_scores,
+                ps.region_scores,
+                comm=TorchComm(),
+            )
+        except ConfigError as err:
+            Path(f"{path}.{rank}").write_text(str(err))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bad_rows_on_one_rank_stop_every_rank(tmp_path):
+    path = str(tmp_path / "error")
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_bad_rows_worker, args=(r, 2, port, path)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert "row 250 contains NaN" in Path(f"{path}.1").read_text()
+    assert "another rank found bad rows" in Path(f"{path}.0").read_text()
