@@ -28,20 +28,27 @@ def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float) 
 REDUCTIONS = ("sum", "mean")
 
 
-def pad_regions(region_emb: Tensor, counts: Tensor, *, fill: float = 0.0) -> tuple[Tensor, Tensor]:
+def pad_regions(
+    region_emb: Tensor, counts: Tensor, *, fill: float = 0.0, width: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Flat per-image regions -> a padded batch.
 
     Args:
         region_emb: [R, ...] rows of all images, image by image.
         counts: [B] int64 regions per image (sum = R).
         fill: value of the padding rows.
+        width: M, at least the largest count (default: the largest count).
 
     Returns:
-        (padded [B, M, ...] with M = max count, mask [B, M] bool: True where a real region sits).
+        (padded [B, M, ...], mask [B, M] bool: True where a real region sits).
     """
     counts = counts.to(device=region_emb.device, dtype=torch.long)
     b = counts.shape[0]
     m = int(counts.max()) if b else 0
+    if width is not None:
+        if width < m:
+            raise ValueError(f"width {width} is smaller than the largest count {m}")
+        m = width
     owner = torch.repeat_interleave(torch.arange(b, device=region_emb.device), counts)
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(region_emb.shape[0], device=region_emb.device) - starts[owner]

@@ -358,15 +358,21 @@ def mitigate_cmd(progress: bool, clusters: tuple[int, ...], **opts: Any) -> None
     """Fine-tune with RaVL's region-aware loss (or a baseline) so the discovered feature stops driving its class."""
     from tqdm import tqdm  # noqa: PLC0415
 
+    from ravl_engine.distributed import init_from_env, rank_world  # noqa: PLC0415
     from ravl_engine.mitigate import MitigateConfig, run_mitigate  # noqa: PLC0415
 
     try:
         cfg = MitigateConfig(clusters=clusters or (1,), **opts)
-        with tqdm(total=cfg.epochs, desc=cfg.method, unit="epoch", file=sys.stderr, disable=not progress) as bar:
+        init_from_env(cfg.device)  # under torchrun: DistributedDataParallel over the ranks
+        rank, world = rank_world()
+        with tqdm(
+            total=cfg.epochs, desc=cfg.method, unit="epoch", file=sys.stderr, disable=not progress or rank != 0
+        ) as bar:
             result = run_mitigate(cfg, on_epoch=lambda _e: bar.update(1))
     except RavlEngineError as err:
         raise click.ClickException(str(err)) from err
-    _emit(result.to_dict())
+    if rank == 0:
+        _emit({**result.to_dict(), "world_size": world})
 
 
 @main.command("evaluate")

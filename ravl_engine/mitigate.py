@@ -31,11 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from kernels.loss import clip_loss, pad_regions, region_aware_loss
 from kernels.roi import region_embed_train
 from ravl_engine.config import config_from_dict
+from ravl_engine.distributed import barrier, is_distributed, local_device, rank_world
 from ravl_engine.errors import ConfigError, ShardError
 from ravl_engine.finetune import load_images, make_optimizer, save_checkpoint, snapshot
 from ravl_engine.manifest import ManifestRow, read_manifest
@@ -465,37 +466,95 @@ class StepBatch:
         )
 
 
+class Towers(nn.Module):
+    """The forward pass of one training step as a module, so DistributedDataParallel can wrap it.
+
+    ``forward(images, tokens, boxes)`` -> (image embeddings [B, D], region embeddings [sum K_i, D] or None, caption
+    embeddings [B, D]); with boxes the regions come from the same backbone pass as the images
+    (:func:`kernels.roi.region_embed_train`).
+    """
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, images: Tensor, tokens: Tensor, boxes: list[Tensor] | None
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        if boxes is not None:
+            image_emb, region_emb = region_embed_train(self.model.visual, images, boxes)
+        else:
+            image_emb, region_emb = self.model.encode_image(images), None
+        return image_emb, region_emb, self.model.encode_text(tokens)
+
+
+def _gather(t: Tensor) -> Tensor:
+    """Every rank's rows, in rank order, with gradients flowing back to each rank's own rows (equal shapes)."""
+    if not is_distributed():
+        return t
+    import torch.distributed.nn.functional as dist_fn  # noqa: PLC0415
+
+    return torch.cat(dist_fn.all_gather(t))
+
+
+def _gather_plain(t: Tensor) -> Tensor:
+    if not is_distributed():
+        return t
+    import torch.distributed as dist  # noqa: PLC0415
+
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 def mitigation_loss(
-    model: Any, batch: StepBatch, class_emb: Tensor | None, cfg: MitigateConfig, *, gdro: _GroupDRO | None = None
+    model: Any,
+    batch: StepBatch,
+    class_emb: Tensor | None,
+    cfg: MitigateConfig,
+    *,
+    gdro: _GroupDRO | None = None,
+    towers: nn.Module | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The training loss of ``cfg.method`` for one batch: (total, L_CL, auxiliary term).
 
-    ``ravl`` embeds the image and all its regions in one backbone pass (:func:`kernels.roi.region_embed_train`) and
-    adds L_R + L_A; ``vl-erm`` / ``vl-gdro`` add the (group-robust) cross-entropy of the zero-shot logits of the
-    images whose caption names a class. ``class_emb`` [C, D] (unit rows) is needed by those three methods.
+    ``ravl`` embeds the image and all its regions in one backbone pass and adds L_R + L_A; ``vl-erm`` / ``vl-gdro``
+    add the (group-robust) cross-entropy of the zero-shot logits of the images whose caption names a class.
+    ``class_emb`` [C, D] (unit rows) is needed by those three methods.
+
+    Under torch.distributed each rank passes its equal share of the global batch and ``towers`` (a
+    DistributedDataParallel-wrapped :class:`Towers`); the embeddings are gathered with their gradients and every
+    rank computes the loss of the whole global batch, so the averaged gradients equal one process's on that batch.
     """
-    if cfg.method == "ravl":
-        if batch.boxes is None or batch.spurious is None or class_emb is None:
-            raise ValueError("method 'ravl' needs boxes, spurious flags and class embeddings")
-        image_emb, region_emb = region_embed_train(model.visual, batch.images, batch.boxes)
-    else:
-        image_emb = model.encode_image(batch.images)
-    loss_cl = clip_loss(image_emb, model.encode_text(batch.tokens), model.logit_scale.exp())
-    if cfg.method in ("standard", "upsampled"):
-        return loss_cl, loss_cl, loss_cl.new_zeros(())
-    if class_emb is None:
+    towers = towers if towers is not None else Towers(model)
+    if cfg.method == "ravl" and (batch.boxes is None or batch.spurious is None):
+        raise ValueError("method 'ravl' needs boxes and spurious flags")
+    if cfg.method in ("ravl", "vl-erm", "vl-gdro") and class_emb is None:
         raise ValueError(f"method {cfg.method!r} needs class embeddings")
+    image_emb, region_emb, text_emb = towers(batch.images, batch.tokens, batch.boxes if cfg.method == "ravl" else None)
+    labels, groups = _gather_plain(batch.labels), _gather_plain(batch.groups)
+    image_emb = _gather(image_emb)
+    loss_cl = clip_loss(image_emb, _gather(text_emb), model.logit_scale.exp())
     aux = loss_cl.new_zeros(())
-    if cfg.method == "ravl":
-        assert batch.boxes is not None and batch.spurious is not None
+    if cfg.method in ("standard", "upsampled"):
+        return loss_cl, loss_cl, aux
+    assert class_emb is not None
+    if region_emb is not None and batch.boxes is not None and batch.spurious is not None:
         counts = torch.tensor([b.shape[0] for b in batch.boxes], device=region_emb.device)
-        padded, mask = pad_regions(region_emb.float(), counts)
-        spurious, _ = pad_regions(batch.spurious, counts, fill=False)
+        width = int(counts.max()) if counts.numel() else 0
+        if is_distributed():  # the same padded width on every rank, so the gathered shapes agree
+            import torch.distributed as dist  # noqa: PLC0415
+
+            w = torch.tensor([width], device=region_emb.device)
+            dist.all_reduce(w, op=dist.ReduceOp.MAX)
+            width = int(w)
+        padded, mask = pad_regions(region_emb.float(), counts, width=width)
+        spurious, _ = pad_regions(batch.spurious, counts, fill=False, width=width)
         l_r, l_a = region_aware_loss(
-            padded,
-            mask,
-            spurious,
-            batch.labels,
+            _gather(padded),
+            _gather_plain(mask),
+            _gather_plain(spurious),
+            labels,
             class_emb,
             temperature=cfg.temperature,
             reduction=cfg.reduction,
@@ -503,13 +562,33 @@ def mitigation_loss(
         )
         aux = l_r + l_a
     else:
-        has = batch.labels >= 0
+        has = labels >= 0
         if bool(has.any()):
             logits = F.normalize(image_emb[has].float(), dim=-1) @ class_emb.T / cfg.temperature
-            ce = F.cross_entropy(logits, batch.labels[has], reduction="none")
-            aux = ce.mean() if gdro is None else gdro(ce, batch.groups[has])
+            ce = F.cross_entropy(logits, labels[has], reduction="none")
+            aux = ce.mean() if gdro is None else gdro(ce, groups[has])
     lam = cfg.clip_weight
     return lam * loss_cl + (1 - lam) * aux, loss_cl, aux
+
+
+def _parallel_towers(model: Any, device: str, world: int) -> nn.Module:
+    """:class:`Towers` of ``model``, wrapped in DistributedDataParallel under a multi-process launch (BatchNorm
+    synchronised across GPUs; on CPU each rank keeps its own batch statistics: SyncBatchNorm needs a GPU)."""
+    towers: nn.Module = Towers(model)
+    if world == 1:
+        return towers
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        towers = nn.SyncBatchNorm.convert_sync_batchnorm(towers)
+    return nn.parallel.DistributedDataParallel(towers, device_ids=[torch.device(device).index] if cuda else None)
+
+
+def _sync_buffers(model: Any) -> None:
+    if is_distributed():
+        import torch.distributed as dist  # noqa: PLC0415
+
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], None] | None = None) -> MitigateResult:
@@ -521,6 +600,8 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
             class (except for ``standard``).
     """
     t0 = time.perf_counter()
+    rank, world = rank_world()
+    cfg = dataclasses.replace(cfg, device=local_device(cfg.device))
     disc = read_discovery(cfg.discovery, cfg.clusters)
     arch = cfg.model or (disc.audit.get("model") or {}).get("name")
     if not arch:
@@ -572,6 +653,7 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     gdro = _GroupDRO(2 * c + 2, cfg.gdro_step) if cfg.method == "vl-gdro" else None
     frozen_text = _class_embeddings(model, class_tokens, c).detach() if freeze_text else None
+    towers = _parallel_towers(model, cfg.device, world)
     history: list[dict[str, float]] = []
     stale, steps, step_time = 0, 0, 0.0
     for epoch in range(1, cfg.epochs + 1):
@@ -581,7 +663,9 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
         batches = 0
         for start in range(0, epoch_order.numel(), cfg.batch_size):
             idx = epoch_order[start : start + cfg.batch_size]
-            if idx.numel() < 2:
+            # every rank draws the same global order and takes its equal, contiguous share of each batch
+            idx = idx[: idx.numel() - idx.numel() % world].chunk(world)[rank] if world > 1 else idx
+            if idx.numel() * world < 2:
                 continue
             t_step = time.perf_counter()
             boxes, flags = _batch_boxes(ts, idx) if cfg.method == "ravl" else (None, None)
@@ -596,7 +680,7 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
             class_emb = None
             if cfg.method in ("ravl", "vl-erm", "vl-gdro"):
                 class_emb = frozen_text if frozen_text is not None else _class_embeddings(model, class_tokens, c)
-            loss, loss_cl, aux = mitigation_loss(model, batch.to(cfg.device), class_emb, cfg, gdro=gdro)
+            loss, loss_cl, aux = mitigation_loss(model, batch.to(cfg.device), class_emb, cfg, gdro=gdro, towers=towers)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -608,6 +692,7 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
             sums["clip"] += loss_cl.item()
             sums["aux"] += aux.item()
             batches += 1
+        _sync_buffers(model)  # BatchNorm statistics: rank 0's everywhere, so every rank validates the same model
         value = validate()
         entry = {"epoch": float(epoch), **{k: v / max(1, batches) for k, v in sums.items()}, metric: value}
         history.append(entry)
@@ -623,9 +708,11 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
                 break
     model.eval()
     # written once, at the end: an interrupted run leaves no checkpoint that looks finished
-    save_checkpoint(
-        out, {"arch": arch, "state_dict": best_state, "epoch": best[1], metric: best[0], "method": cfg.method}
-    )
+    if rank == 0:
+        save_checkpoint(
+            out, {"arch": arch, "state_dict": best_state, "epoch": best[1], metric: best[0], "method": cfg.method}
+        )
+    barrier()
     group_rows = []
     for g in range(2 * c + 2):
         members = ts.groups[train_idx] == g

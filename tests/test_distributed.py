@@ -295,3 +295,126 @@ def test_bad_rows_on_one_rank_stop_every_rank(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     assert "row 250 contains NaN" in Path(f"{path}.1").read_text()
     assert "another rank found bad rows" in Path(f"{path}.0").read_text()
+
+
+def _fixed_batch(loaded, n: int = 8):
+    import torch
+
+    from ravl_engine.mitigate import StepBatch
+
+    g = torch.Generator().manual_seed(0)
+    size = loaded.image_size
+    half = size / 2
+    quads = torch.tensor([[0, 0, half, half], [half, 0, size, half], [0, half, half, size], [half, half, size, size]])
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, -1, 1])[:n]
+    spurious = torch.zeros(n, 4, dtype=torch.bool)
+    spurious[::3, 2] = True
+    return StepBatch(
+        images=torch.randn(n, 3, size, size, generator=g),
+        tokens=loaded.tokenizer([f"the digit {max(int(y), 0)}" for y in labels]),
+        labels=labels,
+        groups=torch.where(labels >= 0, 2 * labels, 6) + spurious.any(1).long(),
+        boxes=[quads[: 2 + i % 3].clone() for i in range(n)],  # 2 to 4 regions per image
+        spurious=torch.cat([spurious[i, : 2 + i % 3] for i in range(n)]),
+    )
+
+
+def _slice(batch, start: int, stop: int):
+    from ravl_engine.mitigate import StepBatch
+
+    assert batch.boxes is not None and batch.spurious is not None
+    counts = [b.shape[0] for b in batch.boxes]
+    a, b = sum(counts[:start]), sum(counts[:stop])
+    return StepBatch(
+        images=batch.images[start:stop],
+        tokens=batch.tokens[start:stop],
+        labels=batch.labels[start:stop],
+        groups=batch.groups[start:stop],
+        boxes=batch.boxes[start:stop],
+        spurious=batch.spurious[a:b],
+    )
+
+
+def _one_step(method: str, rank: int, world: int):
+    import torch
+
+    from ravl_engine.finetune import make_optimizer
+    from ravl_engine.mitigate import MitigateConfig, _class_embeddings, _GroupDRO, _parallel_towers, mitigation_loss
+    from ravl_engine.models import load_clip
+
+    loaded = load_clip("ravl-tiny-vit", init_seed=0)
+    model = loaded.model
+    batch = _fixed_batch(loaded)
+    templates = ["the digit {}", "{}"]
+    with torch.no_grad():
+        class_emb = _class_embeddings(model, loaded.tokenizer([t.format(c) for c in range(3) for t in templates]), 3)
+    make_optimizer(model, lr=1e-3, weight_decay=0.1, freeze_text=True)  # freezes the text tower
+    cfg = MitigateConfig(train="-", discovery="-", out="-", method=method)
+    towers = _parallel_towers(model, "cpu", world)
+    part = _slice(batch, rank * 8 // world, (rank + 1) * 8 // world)
+    model.train()
+    loss, _, _ = mitigation_loss(model, part, class_emb, cfg, gdro=_GroupDRO(8, 0.5), towers=towers)
+    loss.backward()  # under DDP the gradients arrive averaged over the ranks
+    return float(loss.detach()), model.visual.proj.grad.clone(), model.visual.conv1.weight.grad.clone()
+
+
+def _step_worker(rank: int, world: int, port: int, method: str, path: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.save(_one_step(method, rank, world), f"{path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["ravl", "vl-gdro", "standard"])
+def test_a_ddp_step_equals_one_process_on_the_global_batch(tmp_path, method):
+    import torch
+
+    want = _one_step(method, 0, 1)
+    path = str(tmp_path / "step")
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_step_worker, args=(r, 2, port, method, path)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    for r in range(2):
+        loss, proj, conv = torch.load(f"{path}.{r}")
+        assert loss == pytest.approx(want[0], rel=1e-5) and want[1].abs().sum() > 0
+        torch.testing.assert_close(proj, want[1], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(conv, want[2], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_runs_cluster_and_mitigate(tmp_path):
+    from tests.test_mitigate import _discovery
+
+    audit = write_digit_dataset(tmp_path / "audit", n_images=24, seed=0)
+    train = write_digit_dataset(tmp_path / "train", n_images=40, seed=1)
+    run_embed(EmbedConfig(data=str(audit), out=str(tmp_path / "run"), proposer="manifest"))
+    discovery = _discovery(tmp_path / "run", tmp_path / "discovery.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cluster = [*launch, "--master-port", str(_free_port()), "-m", "ravl_engine.cli", "cluster", str(tmp_path / "run")]
+    res = subprocess.run(
+        [*cluster, "--out", str(tmp_path / "audit-out"), "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["k"] >= 6 and (tmp_path / "audit-out" / "discovery.json").exists()
+    mitigate = [*launch, "--master-port", str(_free_port()), "-m", "ravl_engine.cli", "mitigate", "--train", str(train)]
+    mitigate += ["--discovery", str(discovery), "--out", str(tmp_path / "m.pt"), "--epochs", "1", "--batch-size", "16"]
+    res = subprocess.run([*mitigate, "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout)
+    assert summary["world_size"] == 2 and summary["method"] == "ravl" and (tmp_path / "m.pt").exists()
