@@ -304,15 +304,21 @@ def finetune_cmd(progress: bool, **opts: Any) -> None:
     """CLIP contrastive fine-tuning with early stopping; the checkpoint loads with embed --pretrained."""
     from tqdm import tqdm  # noqa: PLC0415
 
+    from ravl_engine.distributed import init_from_env, rank_world  # noqa: PLC0415
     from ravl_engine.finetune import FinetuneConfig, run_finetune  # noqa: PLC0415
 
     try:
         cfg = FinetuneConfig(**opts)
-        with tqdm(total=cfg.epochs, desc="finetune", unit="epoch", file=sys.stderr, disable=not progress) as bar:
+        init_from_env(cfg.device)  # under torchrun: DistributedDataParallel over the ranks
+        rank, world = rank_world()
+        with tqdm(
+            total=cfg.epochs, desc="finetune", unit="epoch", file=sys.stderr, disable=not progress or rank != 0
+        ) as bar:
             result = run_finetune(cfg, on_epoch=lambda _e: bar.update(1))
     except RavlEngineError as err:
         raise click.ClickException(str(err)) from err
-    _emit(result.to_dict())
+    if rank == 0:
+        _emit({**result.to_dict(), "world_size": world})
 
 
 @main.command("mitigate")

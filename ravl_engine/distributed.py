@@ -12,6 +12,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 
@@ -58,3 +59,40 @@ def local_device(device: str) -> str:
     if device == "cuda" and is_distributed():
         return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return device
+
+
+def gather_with_grad(t: Tensor) -> Tensor:
+    """Every rank's rows concatenated in rank order, gradients flowing back to each rank's own rows (equal shapes
+    on every rank). Identity without a process group."""
+    if not is_distributed():
+        return t
+    import torch.distributed.nn.functional as dist_fn  # noqa: PLC0415
+
+    return torch.cat(dist_fn.all_gather(t))
+
+
+def gather(t: Tensor) -> Tensor:
+    """Every rank's rows concatenated in rank order, no gradient (equal shapes). Identity without a group."""
+    if not is_distributed():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def wrap_ddp(module: nn.Module, device: str) -> nn.Module:
+    """``module`` in DistributedDataParallel under a multi-process launch, else unchanged. On GPUs BatchNorm becomes
+    SyncBatchNorm; on CPU (gloo) each rank keeps its own batch statistics, since SyncBatchNorm needs a GPU."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return module
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return nn.parallel.DistributedDataParallel(module, device_ids=[torch.device(device).index] if cuda else None)
+
+
+def sync_buffers(module: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm statistics) to every rank, so that all ranks hold the same model."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)

@@ -13,15 +13,39 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from kernels.loss import clip_loss
+from kernels.roi import region_embed_train
+from ravl_engine.distributed import barrier, gather_with_grad, local_device, rank_world, sync_buffers, wrap_ddp
 from ravl_engine.errors import ConfigError
 from ravl_engine.manifest import read_manifest, resolve_classes
 from ravl_engine.models import load_clip
 from ravl_engine.zeroshot import DEFAULT_TEMPLATES, class_text_embeddings, zero_shot_probs
 
 logger = logging.getLogger(__name__)
+
+
+class Towers(nn.Module):
+    """The forward pass of one training step as a module, so DistributedDataParallel can wrap it.
+
+    ``forward(images, tokens, boxes)`` -> (image embeddings [B, D], region embeddings [sum K_i, D] or None, caption
+    embeddings [B, D]); with boxes the regions come from the same backbone pass as the images
+    (:func:`kernels.roi.region_embed_train`).
+    """
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, images: Tensor, tokens: Tensor, boxes: list[Tensor] | None
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        if boxes is not None:
+            image_emb, region_emb = region_embed_train(self.model.visual, images, boxes)
+        else:
+            image_emb, region_emb = self.model.encode_image(images), None
+        return image_emb, region_emb, self.model.encode_text(tokens)
 
 
 def make_optimizer(model: Any, *, lr: float, weight_decay: float, freeze_text: bool) -> torch.optim.Optimizer:
@@ -49,6 +73,7 @@ def train_clip(
     seed: int = 0,
     optimizer: torch.optim.Optimizer | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    towers: nn.Module | None = None,
 ) -> list[dict[str, float]]:
     """Fine-tune ``model`` in place on (image, caption) pairs with the CLIP loss.
 
@@ -62,6 +87,8 @@ def train_clip(
         seed: shuffling seed.
         optimizer: an optimizer to continue with (from :func:`make_optimizer`); default a new AdamW.
         on_epoch: called with each epoch's stats.
+        towers: the forward pass (:class:`Towers` of ``model``, wrapped by :func:`ravl_engine.distributed.wrap_ddp`
+            under torchrun: each rank then takes its equal share of every batch and the loss is the global batch's).
 
     Returns:
         One dict per epoch: ``epoch``, ``loss`` (mean over batches).
@@ -72,6 +99,8 @@ def train_clip(
     tokens = tokenizer(list(captions))
     optimizer = optimizer or make_optimizer(model, lr=lr, weight_decay=weight_decay, freeze_text=freeze_text)
     generator = torch.Generator().manual_seed(seed)
+    rank, world = rank_world()
+    towers = towers if towers is not None else Towers(model)
     history = []
     model.train()
     for epoch in range(1, epochs + 1):
@@ -79,11 +108,11 @@ def train_clip(
         total, batches = 0.0, 0
         for start in range(0, images.shape[0] - 1, batch_size):
             idx = order[start : start + batch_size]
-            if idx.numel() < 2:
+            idx = idx[: idx.numel() - idx.numel() % world].chunk(world)[rank] if world > 1 else idx
+            if idx.numel() * world < 2:
                 continue
-            image_emb = model.encode_image(images[idx].to(device))
-            text_emb = model.encode_text(tokens[idx].to(device))
-            loss = clip_loss(image_emb, text_emb, model.logit_scale.exp())
+            image_emb, _, text_emb = towers(images[idx].to(device), tokens[idx].to(device), None)
+            loss = clip_loss(gather_with_grad(image_emb), gather_with_grad(text_emb), model.logit_scale.exp())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -193,6 +222,7 @@ def load_images(paths: Sequence[Path], *, size: int, mean: Sequence[float], std:
 def run_finetune(cfg: FinetuneConfig, *, on_epoch: Callable[[dict[str, float]], None] | None = None) -> FinetuneResult:
     """Fine-tune a CLIP model on a captioned manifest with early stopping; write the best checkpoint atomically."""
     t0 = time.perf_counter()
+    cfg = dataclasses.replace(cfg, device=local_device(cfg.device))
     rows = read_manifest(cfg.train)
     missing = [i for i, r in enumerate(rows) if r.caption is None]
     if missing:
@@ -232,6 +262,7 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: Callable[[dict[str, float]], 
     history: list[dict[str, float]] = []
     stale = 0
     optimizer = make_optimizer(model, lr=lr, weight_decay=cfg.weight_decay, freeze_text=freeze_text)
+    towers = wrap_ddp(Towers(model), cfg.device)
     for epoch in range(1, cfg.epochs + 1):
         stats = train_clip(
             model,
@@ -243,7 +274,9 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: Callable[[dict[str, float]], 
             lr=lr,
             seed=cfg.seed + epoch,
             optimizer=optimizer,
+            towers=towers,
         )[0]
+        sync_buffers(model)  # every rank validates the same model
         value = validate()
         entry = {"epoch": float(epoch), "loss": stats["loss"], metric: value}
         history.append(entry)
@@ -258,7 +291,9 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: Callable[[dict[str, float]], 
                 logger.info("early stop after epoch %d (best epoch %d)", epoch, best[1])
                 break
     # written once, at the end: an interrupted run leaves no checkpoint that looks finished
-    save_checkpoint(out, {"arch": cfg.model, "state_dict": best_state, "epoch": best[1], metric: best[0]})
+    if rank_world()[0] == 0:
+        save_checkpoint(out, {"arch": cfg.model, "state_dict": best_state, "epoch": best[1], metric: best[0]})
+    barrier()
     return FinetuneResult(
         checkpoint=str(out),
         best_epoch=best[1],

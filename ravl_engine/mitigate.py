@@ -34,11 +34,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels.loss import clip_loss, pad_regions, region_aware_loss
-from kernels.roi import region_embed_train
 from ravl_engine.config import config_from_dict
-from ravl_engine.distributed import barrier, is_distributed, local_device, rank_world
+from ravl_engine.distributed import (
+    barrier,
+    gather,
+    gather_with_grad,
+    is_distributed,
+    local_device,
+    rank_world,
+    sync_buffers,
+    wrap_ddp,
+)
 from ravl_engine.errors import ConfigError, ShardError
-from ravl_engine.finetune import load_images, make_optimizer, save_checkpoint, snapshot
+from ravl_engine.finetune import Towers, load_images, make_optimizer, save_checkpoint, snapshot
 from ravl_engine.manifest import ManifestRow, read_manifest
 from ravl_engine.models import LoadedModel, load_clip
 from ravl_engine.shards import read_run, sha256_file
@@ -466,47 +474,6 @@ class StepBatch:
         )
 
 
-class Towers(nn.Module):
-    """The forward pass of one training step as a module, so DistributedDataParallel can wrap it.
-
-    ``forward(images, tokens, boxes)`` -> (image embeddings [B, D], region embeddings [sum K_i, D] or None, caption
-    embeddings [B, D]); with boxes the regions come from the same backbone pass as the images
-    (:func:`kernels.roi.region_embed_train`).
-    """
-
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self, images: Tensor, tokens: Tensor, boxes: list[Tensor] | None
-    ) -> tuple[Tensor, Tensor | None, Tensor]:
-        if boxes is not None:
-            image_emb, region_emb = region_embed_train(self.model.visual, images, boxes)
-        else:
-            image_emb, region_emb = self.model.encode_image(images), None
-        return image_emb, region_emb, self.model.encode_text(tokens)
-
-
-def _gather(t: Tensor) -> Tensor:
-    """Every rank's rows, in rank order, with gradients flowing back to each rank's own rows (equal shapes)."""
-    if not is_distributed():
-        return t
-    import torch.distributed.nn.functional as dist_fn  # noqa: PLC0415
-
-    return torch.cat(dist_fn.all_gather(t))
-
-
-def _gather_plain(t: Tensor) -> Tensor:
-    if not is_distributed():
-        return t
-    import torch.distributed as dist  # noqa: PLC0415
-
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
-
 def mitigation_loss(
     model: Any,
     batch: StepBatch,
@@ -532,9 +499,9 @@ def mitigation_loss(
     if cfg.method in ("ravl", "vl-erm", "vl-gdro") and class_emb is None:
         raise ValueError(f"method {cfg.method!r} needs class embeddings")
     image_emb, region_emb, text_emb = towers(batch.images, batch.tokens, batch.boxes if cfg.method == "ravl" else None)
-    labels, groups = _gather_plain(batch.labels), _gather_plain(batch.groups)
-    image_emb = _gather(image_emb)
-    loss_cl = clip_loss(image_emb, _gather(text_emb), model.logit_scale.exp())
+    labels, groups = gather(batch.labels), gather(batch.groups)
+    image_emb = gather_with_grad(image_emb)
+    loss_cl = clip_loss(image_emb, gather_with_grad(text_emb), model.logit_scale.exp())
     aux = loss_cl.new_zeros(())
     if cfg.method in ("standard", "upsampled"):
         return loss_cl, loss_cl, aux
@@ -551,9 +518,9 @@ def mitigation_loss(
         padded, mask = pad_regions(region_emb.float(), counts, width=width)
         spurious, _ = pad_regions(batch.spurious, counts, fill=False, width=width)
         l_r, l_a = region_aware_loss(
-            _gather(padded),
-            _gather_plain(mask),
-            _gather_plain(spurious),
+            gather_with_grad(padded),
+            gather(mask),
+            gather(spurious),
             labels,
             class_emb,
             temperature=cfg.temperature,
@@ -569,26 +536,6 @@ def mitigation_loss(
             aux = ce.mean() if gdro is None else gdro(ce, groups[has])
     lam = cfg.clip_weight
     return lam * loss_cl + (1 - lam) * aux, loss_cl, aux
-
-
-def _parallel_towers(model: Any, device: str, world: int) -> nn.Module:
-    """:class:`Towers` of ``model``, wrapped in DistributedDataParallel under a multi-process launch (BatchNorm
-    synchronised across GPUs; on CPU each rank keeps its own batch statistics: SyncBatchNorm needs a GPU)."""
-    towers: nn.Module = Towers(model)
-    if world == 1:
-        return towers
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        towers = nn.SyncBatchNorm.convert_sync_batchnorm(towers)
-    return nn.parallel.DistributedDataParallel(towers, device_ids=[torch.device(device).index] if cuda else None)
-
-
-def _sync_buffers(model: Any) -> None:
-    if is_distributed():
-        import torch.distributed as dist  # noqa: PLC0415
-
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
 
 
 def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], None] | None = None) -> MitigateResult:
@@ -653,7 +600,7 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     gdro = _GroupDRO(2 * c + 2, cfg.gdro_step) if cfg.method == "vl-gdro" else None
     frozen_text = _class_embeddings(model, class_tokens, c).detach() if freeze_text else None
-    towers = _parallel_towers(model, cfg.device, world)
+    towers = wrap_ddp(Towers(model), cfg.device)
     history: list[dict[str, float]] = []
     stale, steps, step_time = 0, 0, 0.0
     for epoch in range(1, cfg.epochs + 1):
@@ -692,7 +639,7 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
             sums["clip"] += loss_cl.item()
             sums["aux"] += aux.item()
             batches += 1
-        _sync_buffers(model)  # BatchNorm statistics: rank 0's everywhere, so every rank validates the same model
+        sync_buffers(model)  # BatchNorm statistics: rank 0's everywhere, so every rank validates the same model
         value = validate()
         entry = {"epoch": float(epoch), **{k: v / max(1, batches) for k, v in sums.items()}, metric: value}
         history.append(entry)

@@ -338,8 +338,9 @@ def _slice(batch, start: int, stop: int):
 def _one_step(method: str, rank: int, world: int):
     import torch
 
-    from ravl_engine.finetune import make_optimizer
-    from ravl_engine.mitigate import MitigateConfig, _class_embeddings, _GroupDRO, _parallel_towers, mitigation_loss
+    from ravl_engine.distributed import wrap_ddp
+    from ravl_engine.finetune import Towers, make_optimizer
+    from ravl_engine.mitigate import MitigateConfig, _class_embeddings, _GroupDRO, mitigation_loss
     from ravl_engine.models import load_clip
 
     loaded = load_clip("ravl-tiny-vit", init_seed=0)
@@ -350,7 +351,7 @@ def _one_step(method: str, rank: int, world: int):
         class_emb = _class_embeddings(model, loaded.tokenizer([t.format(c) for c in range(3) for t in templates]), 3)
     make_optimizer(model, lr=1e-3, weight_decay=0.1, freeze_text=True)  # freezes the text tower
     cfg = MitigateConfig(train="-", discovery="-", out="-", method=method)
-    towers = _parallel_towers(model, "cpu", world)
+    towers = wrap_ddp(Towers(model), "cpu")
     part = _slice(batch, rank * 8 // world, (rank + 1) * 8 // world)
     model.train()
     loss, _, _ = mitigation_loss(model, part, class_emb, cfg, gdro=_GroupDRO(8, 0.5), towers=towers)
@@ -418,3 +419,8 @@ def test_torchrun_runs_cluster_and_mitigate(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads(res.stdout)
     assert summary["world_size"] == 2 and summary["method"] == "ravl" and (tmp_path / "m.pt").exists()
+    finetune = [*launch, "--master-port", str(_free_port()), "-m", "ravl_engine.cli", "finetune", "--train", str(train)]
+    finetune += ["--out", str(tmp_path / "f.pt"), "--epochs", "1", "--batch-size", "16", "--no-progress"]
+    res = subprocess.run(finetune, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["world_size"] == 2 and (tmp_path / "f.pt").exists()
