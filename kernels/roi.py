@@ -232,9 +232,20 @@ def vit_roi_embed(visual: Any, images: Tensor, boxes: Sequence[Tensor]) -> tuple
     keys = F.linear(normed, w_k, b_k).view(tokens.shape[0], -1, heads, head_dim).transpose(1, 2)  # [B, H, T, dh]
     values = F.linear(normed, w_v, b_v).view(tokens.shape[0], -1, heads, head_dim).transpose(1, 2)
     cls = tokens[owner, 0]  # [R, W]: each region's own copy of its image's CLS token
-    query = F.linear(last.ln_1(cls), w_q, b_q).view(-1, heads, 1, head_dim)
-    mixed = F.scaled_dot_product_attention(query, keys[owner], values[owner], attn_mask=allowed[:, None, None, :])
-    out = attn.out_proj(mixed.reshape(-1, width))
+    query = F.linear(last.ln_1(cls), w_q, b_q)  # [R, W]
+    # the regions of one image share its keys and values: attend per image with the queries padded to the
+    # largest region count (no per-region copy of the keys); padded queries may see only the CLS token
+    n_img, k_max = len(boxes), max(counts)
+    starts = torch.tensor([0, *counts[:-1]], device=tokens.device).cumsum(0)
+    slot = torch.arange(owner.shape[0], device=tokens.device) - starts[owner]
+    q = query.new_zeros(n_img, k_max, width).index_put((owner, slot), query)
+    mask = torch.zeros(n_img, k_max, allowed.shape[1], dtype=torch.bool, device=tokens.device)
+    mask[:, :, 0] = True
+    mask = mask.index_put((owner, slot), allowed)
+    q = q.view(n_img, k_max, heads, head_dim).transpose(1, 2)  # [B, H, K, dh]
+    mixed = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])  # [B, H, K, dh]
+    mixed = mixed.transpose(1, 2).reshape(n_img, k_max, width)[owner, slot]  # [R, W]
+    out = attn.out_proj(mixed)
     y = cls + last.ls_1(out)
     y = y + last.ls_2(last.mlp(last.ln_2(y)))
     return image_emb, visual.ln_post(y) @ visual.proj

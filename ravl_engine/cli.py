@@ -356,7 +356,13 @@ def finetune_cmd(progress: bool, **opts: Any) -> None:
 @click.option("--freeze-text/--train-text", default=None, help="Default: freeze when starting from weights.")
 @click.option("--val-fraction", default=0.1, show_default=True)
 @click.option("--patience", default=6, show_default=True, help="Epochs without validation gain before stopping.")
-@click.option("--select", type=click.Choice(["accuracy", "worst-group"]), default="accuracy", show_default=True)
+@click.option(
+    "--select",
+    type=click.Choice(["accuracy", "worst-group", "last"]),
+    default="accuracy",
+    show_default=True,
+    help="Which epoch's weights to keep.",
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
