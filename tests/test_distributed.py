@@ -154,6 +154,7 @@ def _ranked(doc: dict) -> list:
     ]
 
 
+@pytest.mark.slow
 def test_two_ranks_discover_what_one_process_does(dataset, tmp_path):
     from ravl_engine.cluster import ClusterConfig, run_cluster
     from ravl_engine.config import DiscoverConfig
@@ -217,7 +218,7 @@ def _discover_worker(rank: int, world: int, port: int, split: list[int], path: s
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("split", [[600, 600], [1001, 199]])
+@pytest.mark.parametrize("split", [[600, 600], pytest.param([1001, 199], marks=pytest.mark.slow)])
 def test_two_ranks_rank_the_same_clusters_as_one_process(tmp_path, split):
     import torch
 
@@ -372,7 +373,10 @@ def _step_worker(rank: int, world: int, port: int, method: str, path: str) -> No
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("method", ["ravl", "vl-gdro", "standard"])
+@pytest.mark.parametrize(
+    "method",
+    ["ravl", pytest.param("vl-gdro", marks=pytest.mark.slow), pytest.param("standard", marks=pytest.mark.slow)],
+)
 def test_a_ddp_step_equals_one_process_on_the_global_batch(tmp_path, method):
     import torch
 

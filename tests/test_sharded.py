@@ -65,7 +65,7 @@ def _worker(rank: int, world: int, port: int, split: list[int], path: str) -> No
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("split", [[800, 700], [1499, 1]])
+@pytest.mark.parametrize("split", [[800, 700], pytest.param([1499, 1], marks=pytest.mark.slow)])
 def test_two_ranks_equal_one_process(tmp_path, split):
     path = str(tmp_path / "result.pt")
     ctx = mp.get_context("spawn")
