@@ -233,7 +233,11 @@ def read_discovery(path: str | Path, ranks: Sequence[int]) -> _Discovery:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"{path}: not a readable discovery.json ({err})") from err
-    if not isinstance(doc, dict) or "medoids" not in doc or "audit" not in doc:
+    if not isinstance(doc, dict) or "clusters" not in doc or "classes" not in doc:
+        raise ConfigError(
+            f"{path} is not a discovery.json; pass the file 'ravl-engine cluster' wrote (OUT/discovery.json)"
+        )
+    if "medoids" not in doc or "audit" not in doc:
         raise ConfigError(f"{path}: no medoids / audit record; it was written by an older ravl-engine, rerun cluster")
     clusters = doc.get("clusters") or []
     if not clusters:

@@ -194,6 +194,10 @@ def test_outdated_or_empty_discovery_files(tmp_path):
         read_discovery(bad, [1])
     with pytest.raises(ConfigError, match="not a readable"):
         read_discovery(tmp_path / "missing.json", [1])
+    other = tmp_path / "manifest.json"
+    other.write_text(json.dumps({"format_version": 1, "shards": []}))
+    with pytest.raises(ConfigError, match="is not a discovery.json"):
+        read_discovery(other, [1])
 
 
 def test_fused_step_keeps_the_image_path_and_batch_statistics():
