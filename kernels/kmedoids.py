@@ -38,7 +38,6 @@ from torch import Tensor
 from kernels.backends import DEFAULT_BLOCK_SIZE, ClusterBackend, TorchBackend
 from kernels.segment import segment_argmax
 from kernels.silhouette import (
-    cosine_silhouette,
     pairwise_distance_sums,
     silhouette_from_gram,
     silhouette_from_sums,
@@ -493,39 +492,27 @@ def fit_kmedoids_search(
     Returns:
         KMedoidsResult.
     """
-    k = int(init.numel())
-    sq_norms = squared_norms(x) if sq_norms is None else sq_norms
-    medoids = init.to(device=x.device, dtype=torch.int64).clone()
-    labels, sims = backend.assign(x, x[medoids])
-    stats: list[dict[str, Any]] = []
-    converged, n_iter = False, max_iter
-    for it in range(1, max_iter + 1):
-        sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
-        score = _medoid_scores_blocked(x, labels, sums, sq_norms, block_size)
-        best = segment_argmax(score, labels, k, tol=tie_tolerance(x, torch.bincount(labels, minlength=k)))
-        new_medoids = torch.where(best >= 0, best, medoids)
-        moved = int((new_medoids != medoids).sum())
-        medoids = new_medoids
-        switched = 0
-        if moved:
-            new_labels, sims = backend.assign(x, x[medoids])
-            switched = int((new_labels != labels).sum())
-            labels = new_labels
-        stats.append({"iter": it, "moved_medoids": moved, "moved_points": switched})
-        if moved == 0:
-            converged, n_iter = True, it
-            break
-    dist = _distance(sims, False)
-    dist[medoids] = 0.0
-    silhouette = cosine_silhouette(x, labels, k, block_size=block_size) if with_silhouette else math.nan
+    # the one-process case of the sharded iteration (kernels/sharded.py builds on this module: imported here)
+    from kernels.sharded import LocalComm, Shard, sharded_fit  # noqa: PLC0415
+
+    fit = sharded_fit(
+        Shard(x=x, offset=0, total=x.shape[0]),
+        init,
+        LocalComm(),
+        backend=backend,
+        max_iter=max_iter,
+        with_silhouette=with_silhouette,
+        block_size=block_size,
+        sq_norms=sq_norms,
+    )
     return KMedoidsResult(
-        medoids=medoids,
-        labels=labels,
-        n_iter=n_iter,
-        converged=converged,
-        objective=float(dist.sum()),
-        silhouette=silhouette,
-        stats=stats,
+        medoids=fit.medoids.to(x.device),
+        labels=fit.labels,
+        n_iter=fit.n_iter,
+        converged=fit.converged,
+        objective=fit.objective,
+        silhouette=fit.silhouette,
+        stats=fit.stats,
     )
 
 

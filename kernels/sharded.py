@@ -201,11 +201,13 @@ def sharded_fit(
     max_iter: int = 300,
     with_silhouette: bool = True,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    sq_norms: Tensor | None = None,
 ) -> ShardedFit:
-    """Alternating cosine K-medoids from global init rows ``init`` [K] (the search strategy's iteration)."""
+    """Alternating cosine K-medoids from global init rows ``init`` [K] (the search strategy's iteration; with
+    :class:`LocalComm` it is :func:`kernels.kmedoids.fit_kmedoids_search`). ``sq_norms``: this rank's rows'."""
     x, k = shard.x, int(init.numel())
     backend = backend or TorchBackend(block_size=block_size)
-    sq_norms = squared_norms(x)
+    sq_norms = squared_norms(x) if sq_norms is None else sq_norms
     medoids = init.to(torch.int64).clone()
     labels, sims = backend.assign(x, shard.rows(medoids, comm).to(x.dtype))
     positions = torch.arange(x.shape[0], device=x.device) + shard.offset
