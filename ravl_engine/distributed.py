@@ -61,6 +61,15 @@ def local_device(device: str) -> str:
     return device
 
 
+def local_share(batch: Tensor) -> Tensor:
+    """This rank's equal, contiguous share of a global batch of indices (the tail that does not divide evenly is
+    dropped); the whole batch without a process group."""
+    rank, world = rank_world()
+    if world == 1:
+        return batch
+    return batch[: batch.numel() - batch.numel() % world].chunk(world)[rank]
+
+
 def gather_with_grad(t: Tensor) -> Tensor:
     """Every rank's rows concatenated in rank order, gradients flowing back to each rank's own rows (equal shapes
     on every rank). Identity without a process group."""

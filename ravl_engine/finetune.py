@@ -17,7 +17,15 @@ from torch import Tensor, nn
 
 from kernels.loss import clip_loss
 from kernels.roi import region_embed_train
-from ravl_engine.distributed import barrier, gather_with_grad, local_device, rank_world, sync_buffers, wrap_ddp
+from ravl_engine.distributed import (
+    barrier,
+    gather_with_grad,
+    local_device,
+    local_share,
+    rank_world,
+    sync_buffers,
+    wrap_ddp,
+)
 from ravl_engine.errors import ConfigError
 from ravl_engine.manifest import read_manifest, resolve_classes
 from ravl_engine.models import load_clip
@@ -46,6 +54,37 @@ class Towers(nn.Module):
         else:
             image_emb, region_emb = self.model.encode_image(images), None
         return image_emb, region_emb, self.model.encode_text(tokens)
+
+
+def schedule_defaults(pretrained: str | None, lr: float | None, freeze_text: bool | None) -> tuple[float, bool]:
+    """(learning rate, freeze the text tower): 1e-3 and both towers from scratch; 5e-5 and the image tower only
+    from pretrained weights (the paper); explicit values win."""
+    from_weights = pretrained is not None
+    return (lr if lr is not None else (5e-5 if from_weights else 1e-3)), (
+        freeze_text if freeze_text is not None else from_weights
+    )
+
+
+def holdout_split(n: int, fraction: float, seed: int, *, source: str) -> tuple[Tensor, Tensor]:
+    """(validation indices, training indices): a seeded random ``fraction`` of n (at least one) held out.
+
+    Raises:
+        ConfigError: fewer than two training images would remain (names ``source``).
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(round(fraction * n)))
+    if n - n_val < 2:
+        raise ConfigError(f"{source}: too few images ({n}) to hold out {n_val} for validation")
+    return order[:n_val], order[n_val:]
+
+
+def optimizer_step(model: Any, optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
+    """Backward, AdamW step, and CLIP's cap of the logit scale at 100."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, 4.6052)
 
 
 def make_optimizer(model: Any, *, lr: float, weight_decay: float, freeze_text: bool) -> torch.optim.Optimizer:
@@ -99,7 +138,7 @@ def train_clip(
     tokens = tokenizer(list(captions))
     optimizer = optimizer or make_optimizer(model, lr=lr, weight_decay=weight_decay, freeze_text=freeze_text)
     generator = torch.Generator().manual_seed(seed)
-    rank, world = rank_world()
+    world = rank_world()[1]
     towers = towers if towers is not None else Towers(model)
     history = []
     model.train()
@@ -108,16 +147,12 @@ def train_clip(
         total, batches = 0.0, 0
         for start in range(0, images.shape[0] - 1, batch_size):
             idx = order[start : start + batch_size]
-            idx = idx[: idx.numel() - idx.numel() % world].chunk(world)[rank] if world > 1 else idx
+            idx = local_share(idx)
             if idx.numel() * world < 2:
                 continue
             image_emb, _, text_emb = towers(images[idx].to(device), tokens[idx].to(device), None)
             loss = clip_loss(gather_with_grad(image_emb), gather_with_grad(text_emb), model.logit_scale.exp())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, 4.6052)  # CLIP caps the scale at 100
+            optimizer_step(model, optimizer, loss)
             total += loss.item()
             batches += 1
         stats = {"epoch": float(epoch), "loss": total / max(1, batches)}
@@ -230,14 +265,9 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: Callable[[dict[str, float]], 
     labelled = all(r.label is not None for r in rows)
     classes = resolve_classes(rows) if labelled else []
     loaded = load_clip(cfg.model, cfg.pretrained, device=cfg.device, init_seed=cfg.seed)
-    freeze_text = cfg.freeze_text if cfg.freeze_text is not None else cfg.pretrained is not None
-    lr = cfg.lr if cfg.lr is not None else (1e-3 if cfg.pretrained is None else 5e-5)
+    lr, freeze_text = schedule_defaults(cfg.pretrained, cfg.lr, cfg.freeze_text)
     images = load_images([r.path for r in rows], size=loaded.image_size, mean=loaded.mean, std=loaded.std)
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed))
-    n_val = max(1, int(round(cfg.val_fraction * len(rows))))
-    val_idx, train_idx = order[:n_val], order[n_val:]
-    if train_idx.numel() < 2:
-        raise ConfigError(f"{cfg.train}: too few images ({len(rows)}) to hold out {n_val} for validation")
+    val_idx, train_idx = holdout_split(len(rows), cfg.val_fraction, cfg.seed, source=cfg.train)
     captions = [rows[i].caption or "" for i in train_idx.tolist()]
     model = loaded.model
     label_of = {c: i for i, c in enumerate(classes)}
@@ -301,6 +331,6 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: Callable[[dict[str, float]], 
         val_metric=metric,
         history=history,
         n_train=int(train_idx.numel()),
-        n_val=n_val,
+        n_val=int(val_idx.numel()),
         seconds=time.perf_counter() - t0,
     )

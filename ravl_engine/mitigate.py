@@ -41,12 +41,22 @@ from ravl_engine.distributed import (
     gather_with_grad,
     is_distributed,
     local_device,
+    local_share,
     rank_world,
     sync_buffers,
     wrap_ddp,
 )
 from ravl_engine.errors import ConfigError, ShardError
-from ravl_engine.finetune import Towers, load_images, make_optimizer, save_checkpoint, snapshot
+from ravl_engine.finetune import (
+    Towers,
+    holdout_split,
+    load_images,
+    make_optimizer,
+    optimizer_step,
+    save_checkpoint,
+    schedule_defaults,
+    snapshot,
+)
 from ravl_engine.manifest import ManifestRow, read_manifest
 from ravl_engine.models import LoadedModel, load_clip
 from ravl_engine.shards import read_run, sha256_file
@@ -568,14 +578,9 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
     templates = cfg.templates or tuple(disc.audit.get("templates") or DEFAULT_TEMPLATES)
     class_tokens = tokenizer([t.format(name) for name in disc.classes for t in templates]).to(cfg.device)
     caption_tokens = tokenizer(ts.captions)
-    freeze_text = cfg.freeze_text if cfg.freeze_text is not None else cfg.pretrained is not None
-    lr = cfg.lr if cfg.lr is not None else (1e-3 if cfg.pretrained is None else 5e-5)
-    n = ts.images.shape[0]
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
-    n_val = max(1, int(round(cfg.val_fraction * n)))
-    val_idx, train_idx = order[:n_val], order[n_val:]
-    if train_idx.numel() < 2:
-        raise ConfigError(f"{cfg.train}: too few images ({n}) to hold out {n_val} for validation")
+    lr, freeze_text = schedule_defaults(cfg.pretrained, cfg.lr, cfg.freeze_text)
+    val_idx, train_idx = holdout_split(ts.images.shape[0], cfg.val_fraction, cfg.seed, source=cfg.train)
+    n_val = int(val_idx.numel())
     val_labelled = val_idx[ts.labels[val_idx] >= 0]
 
     @torch.no_grad()
@@ -617,7 +622,7 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
         for start in range(0, epoch_order.numel(), cfg.batch_size):
             idx = epoch_order[start : start + cfg.batch_size]
             # every rank draws the same global order and takes its equal, contiguous share of each batch
-            idx = idx[: idx.numel() - idx.numel() % world].chunk(world)[rank] if world > 1 else idx
+            idx = local_share(idx)
             if idx.numel() * world < 2:
                 continue
             t_step = time.perf_counter()
@@ -634,11 +639,7 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
             if cfg.method in ("ravl", "vl-erm", "vl-gdro"):
                 class_emb = frozen_text if frozen_text is not None else _class_embeddings(model, class_tokens, c)
             loss, loss_cl, aux = mitigation_loss(model, batch.to(cfg.device), class_emb, cfg, gdro=gdro, towers=towers)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, 4.6052)  # CLIP caps the scale at 100
+            optimizer_step(model, optimizer, loss)
             step_time += time.perf_counter() - t_step
             steps += 1
             sums["loss"] += loss.item()
