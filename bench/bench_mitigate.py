@@ -41,15 +41,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate")
     parser.add_argument("--reduction", default="mean", choices=["sum", "mean"])
-    parser.add_argument("--select", default="accuracy", choices=["accuracy", "worst-group"])
+    parser.add_argument("--select", default="accuracy", choices=["accuracy", "worst-group", "last"])
     args = parser.parse_args(argv)
 
     import numpy as np
 
-    from ravl_engine.cluster import ClusterConfig, run_cluster
     from ravl_engine.controlled import SynthConfig, run_synth
-    from ravl_engine.embed import EmbedConfig, run_embed
-    from ravl_engine.evaluate import run_evaluate
+    from ravl_engine.demo import DemoConfig, run_demo
+    from ravl_engine.evaluate import evaluate_checkpoint
     from ravl_engine.finetune import FinetuneConfig, run_finetune
     from ravl_engine.mitigate import MitigateConfig, run_mitigate
 
@@ -86,52 +85,36 @@ def main(argv: list[str] | None = None) -> None:
             for cls in (int(c) for c in args.classes.split(",")):
                 for v in (float(x) for x in args.cramers_v.split(",")):
                     out = root / f"c{cls}-v{v}-s{seed}"
-                    synth = run_synth(
-                        SynthConfig(
-                            out=str(out / "data"),
+                    # the audit: synth, Standard FT from the pretrained weights, embed, discovery, evaluation
+                    audit = run_demo(
+                        DemoConfig(
+                            out=str(out),
                             source=args.source,
                             spurious_class=cls,
                             cramers_v=v,
                             n_train=args.n_train,
                             n_eval=args.n_eval,
-                            seed=seed,
-                        )
-                    )
-                    t0 = time.perf_counter()
-                    audited = run_finetune(
-                        FinetuneConfig(
-                            train=synth.train_manifest,
-                            out=str(out / "standard.pt"),
+                            epochs=args.epochs,
                             pretrained=base,
                             lr=args.lr,
-                            epochs=args.epochs,
-                            patience=args.epochs,
                             seed=seed,
                         )
                     )
-                    standard_seconds = time.perf_counter() - t0
-                    run_embed(
-                        EmbedConfig(
-                            data=synth.eval_manifest,
-                            out=str(out / "eval-standard"),
-                            pretrained=audited.checkpoint,
-                            proposer="manifest",
-                        )
-                    )
-                    discovery = run_cluster(
-                        ClusterConfig(
-                            run_dir=str(out / "eval-standard"), out=str(out / "audit"), seed=seed, report=False
-                        )
-                    )
-                    top = discovery.document["clusters"][0]["class"] if discovery.document["clusters"] else None
+                    data = out / "data"
                     for method in methods:
                         t0 = time.perf_counter()
-                        info: dict = {"best_epoch": audited.best_epoch, "step_seconds": None}
-                        if method != "standard":
+                        if method == "standard":
+                            metrics = {**audit["metrics"], **audit["validity"]}
+                            info: dict = {
+                                "best_epoch": audit["finetune"]["best_epoch"],
+                                "step_seconds": None,
+                                "seconds": audit["seconds"]["finetune"],
+                            }
+                        else:
                             result = run_mitigate(
                                 MitigateConfig(
-                                    train=synth.train_manifest,
-                                    discovery=discovery.path,
+                                    train=str(data / "train.csv"),
+                                    discovery=audit["paths"]["discovery"],
                                     out=str(out / f"{method}.pt"),
                                     method=method,
                                     pretrained=base,
@@ -144,33 +127,29 @@ def main(argv: list[str] | None = None) -> None:
                                     seed=seed,
                                 )
                             )
+                            ev = evaluate_checkpoint(
+                                data / "eval.csv",
+                                pretrained=result.checkpoint,
+                                run_dir=out / f"eval-{method}",
+                                feature=audit["planted"]["feature"],
+                                spurious_class=str(cls),
+                            )
+                            metrics = ev.to_dict()
                             info = {
                                 "best_epoch": result.best_epoch,
                                 "step_seconds": result.step_seconds,
                                 "spurious_regions": result.n_spurious_regions,
+                                "seconds": time.perf_counter() - t0,
                             }
-                            run_embed(
-                                EmbedConfig(
-                                    data=synth.eval_manifest,
-                                    out=str(out / f"eval-{method}"),
-                                    pretrained=result.checkpoint,
-                                    proposer="manifest",
-                                )
-                            )
-                        ev = run_evaluate(out / f"eval-{method}", feature=synth.feature, spurious_class=str(cls))
                         line = {
                             "bench": "mitigate",
                             "spurious_class": cls,
                             "cramers_v": v,
                             "seed": seed,
                             "method": method,
-                            "audit_top_class": top,
-                            **{m: getattr(ev, m) for m in METRICS},
-                            "gap_spurious": ev.gap_spurious,
-                            "gap_other": ev.gap_other,
-                            "valid": ev.valid,
+                            "audit_top_class": audit["found"]["class"],
+                            **{m: metrics[m] for m in (*METRICS, "gap_spurious", "gap_other", "valid")},
                             **info,
-                            "seconds": standard_seconds if method == "standard" else time.perf_counter() - t0,
                         }
                         rows[method].append(line)
                         print(json.dumps(line), flush=True)

@@ -416,20 +416,19 @@ def evaluate_cmd(
     device: str,
 ) -> None:
     """Image / region overall and worst-group zero-shot accuracy, validity gaps, and Precision@k of a discovery."""
-    import tempfile  # noqa: PLC0415
-
-    from ravl_engine.embed import EmbedConfig, run_embed  # noqa: PLC0415
-    from ravl_engine.evaluate import run_evaluate  # noqa: PLC0415
+    from ravl_engine.evaluate import evaluate_checkpoint  # noqa: PLC0415
 
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            run_dir = work or str(Path(tmp) / "run")
-            run_embed(
-                EmbedConfig(
-                    data=data, out=run_dir, model=model, pretrained=pretrained, proposer="manifest", device=device
-                )
-            )
-            result = run_evaluate(run_dir, discovery_path=discovery, feature=feature, spurious_class=spurious_class)
+        result = evaluate_checkpoint(
+            data,
+            pretrained=pretrained,
+            model=model,
+            run_dir=work,
+            discovery_path=discovery,
+            feature=feature,
+            spurious_class=spurious_class,
+            device=device,
+        )
     except RavlEngineError as err:
         raise click.ClickException(str(err)) from err
     _emit(result.to_dict())

@@ -22,7 +22,11 @@ from ravl_engine.finetune import FinetuneConfig, run_finetune
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DemoConfig:
-    """Options of ``ravl-engine demo`` (defaults: the measured offline setting, about a minute on 2 cores)."""
+    """Options of ``ravl-engine demo`` (defaults: the measured offline setting, about a minute on 2 cores).
+
+    ``pretrained`` / ``lr`` start the fine-tuning from weights instead of from scratch (the mitigation benchmark's
+    protocol); the other fields are those of ``synth`` and ``finetune``.
+    """
 
     out: str = "ravl-demo"
     source: str = "sklearn"
@@ -31,6 +35,8 @@ class DemoConfig:
     n_train: int = 3000
     n_eval: int = 1000
     epochs: int = 6
+    pretrained: str | None = None
+    lr: float | None = None
     seed: int = 0
     device: str = "cpu"
 
@@ -62,6 +68,8 @@ def run_demo(cfg: DemoConfig, *, on_step: Callable[[str], None] | None = None) -
         FinetuneConfig(
             train=synth.train_manifest,
             out=str(out / "model.pt"),
+            pretrained=cfg.pretrained,
+            lr=cfg.lr,
             epochs=cfg.epochs,
             patience=cfg.epochs,
             seed=cfg.seed,

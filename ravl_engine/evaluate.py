@@ -192,3 +192,36 @@ def run_evaluate(
         except (OSError, json.JSONDecodeError) as err:
             raise ConfigError(f"{discovery_path}: not a readable discovery.json ({err})") from err
     return evaluate_run(run, feature=feature, spurious_class=spurious_class, discovery=discovery)
+
+
+def evaluate_checkpoint(
+    data: str | Path,
+    *,
+    pretrained: str | None,
+    model: str = "ravl-tiny-rn",
+    run_dir: str | Path | None = None,
+    discovery_path: str | Path | None = None,
+    feature: str | None = None,
+    spurious_class: str | None = None,
+    device: str = "cpu",
+) -> EvalResult:
+    """Embed an evaluation manifest (its ``boxes`` as regions) with a model and evaluate it.
+
+    Args:
+        data: evaluation manifest with ``boxes`` and ``region_labels``.
+        pretrained, model: the model to evaluate (checkpoint file or tag, architecture).
+        run_dir: where the embeddings go (kept; resumed if complete); None = a temporary directory.
+        discovery_path, feature, spurious_class: as in :func:`run_evaluate`.
+    """
+    import tempfile  # noqa: PLC0415
+
+    from ravl_engine.embed import EmbedConfig, run_embed  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as tmp:
+        target = str(run_dir) if run_dir is not None else str(Path(tmp) / "run")
+        run_embed(
+            EmbedConfig(
+                data=str(data), out=target, model=model, pretrained=pretrained, proposer="manifest", device=device
+            )
+        )
+        return run_evaluate(target, discovery_path=discovery_path, feature=feature, spurious_class=spurious_class)
