@@ -79,3 +79,18 @@ def test_console_script_runs():
     assert __version__ in out.stdout
     out = subprocess.run([sys.executable, "-m", "ravl_engine.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "discover" in out.stdout
+
+
+def test_evaluate_command_embeds_and_reports(tmp_path):
+    from tests.conftest import write_digit_dataset
+
+    data = write_digit_dataset(tmp_path / "d", n_images=24)
+    work = tmp_path / "run"
+    res = CliRunner().invoke(main, ["evaluate", "--data", str(data), "--work", str(work), "--spurious-class", "0"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["feature"] == "square" and summary["spurious_class"] == "0"
+    assert 0.0 <= summary["image_worst_group"] <= summary["image_overall"] <= 1.0
+    assert (work / "manifest.json").exists()  # --work keeps the embeddings
+    res = CliRunner().invoke(main, ["evaluate", "--data", str(data), "--feature", "ruler"])
+    assert res.exit_code != 0 and "feature 'ruler' is not among the region labels" in res.output
