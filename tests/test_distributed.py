@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import datetime
 import json
-import multiprocessing as mp
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,41 +14,20 @@ import pytest
 from ravl_engine.embed import EmbedConfig, run_embed
 from ravl_engine.shards import read_run
 from tests.conftest import write_digit_dataset
+from tests.gloo import free_port, run_ranks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _embed_worker(rank: int, world: int, port: int, cfg: EmbedConfig, die_after_first_shard: int | None) -> None:
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=20))
-
+def _embed_worker(rank: int, world: int, cfg: EmbedConfig, die_after_first_shard: int | None) -> None:
     def on_shard(_entry: dict) -> None:
         if rank == die_after_first_shard:
             os._exit(3)  # a rank killed mid-run: no clean-up of any kind
 
-    try:
-        run_embed(cfg, on_shard=on_shard)
-    finally:
-        dist.destroy_process_group()
+    run_embed(cfg, on_shard=on_shard)
 
 
 def _launch(world: int, cfg: EmbedConfig, die_after_first_shard: int | None = None) -> list[int]:
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_embed_worker, args=(r, world, port, cfg, die_after_first_shard)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    return [p.exitcode for p in procs]
+    # a short group timeout: the survivor of a killed rank gives up quickly
+    return run_ranks(_embed_worker, cfg, die_after_first_shard, world=world, timeout=120, group_timeout=20)
 
 
 def _arrays(run_dir: Path) -> dict:
@@ -112,7 +88,7 @@ def test_a_rank_that_dies_leaves_complete_shards_and_a_rerun_resumes(dataset, tm
 def test_torchrun_runs_the_embed_command(dataset, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
     cmd += [
         "-m",
         "ravl_engine.cli",
@@ -131,20 +107,11 @@ def test_torchrun_runs_the_embed_command(dataset, tmp_path):
     assert summary["world_size"] == 2 and summary["n_images"] == 36 and summary["n_regions"] == 144
 
 
-def _cluster_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
-    import torch
-    import torch.distributed as dist
-
+def _cluster_worker(rank: int, world: int, run_dir: str, out: str) -> None:
     from ravl_engine.cluster import ClusterConfig, run_cluster
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        result = run_cluster(ClusterConfig(run_dir=run_dir, out=out, report=False))
-        Path(out, f"rank{rank}.json").write_text(json.dumps(result.document))
-    finally:
-        dist.destroy_process_group()
+    result = run_cluster(ClusterConfig(run_dir=run_dir, out=out, report=False))
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result.document))
 
 
 def _ranked(doc: dict) -> list:
@@ -171,14 +138,7 @@ def test_two_ranks_discover_what_one_process_does(dataset, tmp_path):
         )
     ).document
     out = tmp_path / "two"
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_cluster_worker, args=(r, 2, port, str(run_dir), str(out))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert run_ranks(_cluster_worker, str(run_dir), str(out)) == [0, 0]
     docs = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     written = json.loads((out / "discovery.json").read_text())
     for doc in (sharded, *docs, written):
@@ -188,34 +148,27 @@ def test_two_ranks_discover_what_one_process_does(dataset, tmp_path):
             assert a["gap"] == pytest.approx(b["gap"]) and a["influence"] == pytest.approx(b["influence"])
 
 
-def _discover_worker(rank: int, world: int, port: int, split: list[int], path: str) -> None:
+def _discover_worker(rank: int, world: int, split: list[int], path: str) -> None:
     import torch
-    import torch.distributed as dist
 
     from kernels.sharded import TorchComm
     from ravl_engine.config import DiscoverConfig
     from ravl_engine.discover import run_discover
     from ravl_engine.synth import planted_embeddings
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        ps = planted_embeddings(1200, dim=32, num_classes=4, seed=3)
-        start = sum(split[:rank])
-        result = run_discover(
-            DiscoverConfig(),
-            ps.region_embeddings[start : start + split[rank]],
-            ps.num_regions,
-            ps.image_labels,
-            ps.image_scores,
-            ps.region_scores,
-            seed=1,
-            comm=TorchComm(),
-        )
-        torch.save(result, f"{path}.{rank}")
-    finally:
-        dist.destroy_process_group()
+    ps = planted_embeddings(1200, dim=32, num_classes=4, seed=3)
+    start = sum(split[:rank])
+    result = run_discover(
+        DiscoverConfig(),
+        ps.region_embeddings[start : start + split[rank]],
+        ps.num_regions,
+        ps.image_labels,
+        ps.image_scores,
+        ps.region_scores,
+        seed=1,
+        comm=TorchComm(),
+    )
+    torch.save(result, f"{path}.{rank}")
 
 
 @pytest.mark.parametrize("split", [[600, 600], pytest.param([1001, 199], marks=pytest.mark.slow)])
@@ -232,14 +185,7 @@ def test_two_ranks_rank_the_same_clusters_as_one_process(tmp_path, split):
     one = run_discover(DiscoverConfig(strategy="sharded"), *args, seed=1)
     assert want.clusters, "the planted set should give at least one cluster"
     path = str(tmp_path / "result")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_discover_worker, args=(r, 2, port, split, path)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert run_ranks(_discover_worker, split, path) == [0, 0]
     for got in (one, *(torch.load(f"{path}.{r}", weights_only=False) for r in range(2))):
         assert got.k == want.k and np.array_equal(got.medoids, want.medoids)
         assert np.array_equal(got.assignments, want.assignments)
@@ -250,50 +196,34 @@ def test_two_ranks_rank_the_same_clusters_as_one_process(tmp_path, split):
         np.testing.assert_allclose(got.medoid_embeddings, want.medoid_embeddings, atol=1e-6)
 
 
-def _bad_rows_worker(rank: int, world: int, port: int, path: str) -> None:
-    import torch
-    import torch.distributed as dist
-
+def _bad_rows_worker(rank: int, world: int, path: str) -> None:
     from kernels.sharded import TorchComm
     from ravl_engine.config import DiscoverConfig
     from ravl_engine.discover import run_discover
     from ravl_engine.errors import ConfigError
     from ravl_engine.synth import planted_embeddings
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    ps = planted_embeddings(400, dim=16, num_classes=2, seed=0)
+    x = ps.region_embeddings.copy()
+    x[250] = np.nan  # on rank 1 (rows 200..399)
+    mine = x[rank * 200 : (rank + 1) * 200]
     try:
-        ps = planted_embeddings(400, dim=16, num_classes=2, seed=0)
-        x = ps.region_embeddings.copy()
-        x[250] = np.nan  # on rank 1 (rows 200..399)
-        mine = x[rank * 200 : (rank + 1) * 200]
-        try:
-            run_discover(
-                DiscoverConfig(),
-                mine,
-                ps.num_regions,
-                ps.image_labels,
-                ps.image_scores,
-                ps.region_scores,
-                comm=TorchComm(),
-            )
-        except ConfigError as err:
-            Path(f"{path}.{rank}").write_text(str(err))
-    finally:
-        dist.destroy_process_group()
+        run_discover(
+            DiscoverConfig(),
+            mine,
+            ps.num_regions,
+            ps.image_labels,
+            ps.image_scores,
+            ps.region_scores,
+            comm=TorchComm(),
+        )
+    except ConfigError as err:
+        Path(f"{path}.{rank}").write_text(str(err))
 
 
 def test_bad_rows_on_one_rank_stop_every_rank(tmp_path):
     path = str(tmp_path / "error")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_bad_rows_worker, args=(r, 2, port, path)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert run_ranks(_bad_rows_worker, path) == [0, 0]
     assert "row 250 contains NaN" in Path(f"{path}.1").read_text()
     assert "another rank found bad rows" in Path(f"{path}.0").read_text()
 
@@ -360,17 +290,10 @@ def _one_step(method: str, rank: int, world: int):
     return float(loss.detach()), model.visual.proj.grad.clone(), model.visual.conv1.weight.grad.clone()
 
 
-def _step_worker(rank: int, world: int, port: int, method: str, path: str) -> None:
+def _step_worker(rank: int, world: int, method: str, path: str) -> None:
     import torch
-    import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        torch.save(_one_step(method, rank, world), f"{path}.{rank}")
-    finally:
-        dist.destroy_process_group()
+    torch.save(_one_step(method, rank, world), f"{path}.{rank}")
 
 
 @pytest.mark.parametrize(
@@ -382,14 +305,7 @@ def test_a_ddp_step_equals_one_process_on_the_global_batch(tmp_path, method):
 
     want = _one_step(method, 0, 1)
     path = str(tmp_path / "step")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_step_worker, args=(r, 2, port, method, path)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert run_ranks(_step_worker, method, path) == [0, 0]
     for r in range(2):
         loss, proj, conv = torch.load(f"{path}.{r}")
         assert loss == pytest.approx(want[0], rel=1e-5) and want[1].abs().sum() > 0
@@ -407,7 +323,7 @@ def test_torchrun_runs_cluster_and_mitigate(tmp_path):
     discovery = _discovery(tmp_path / "run", tmp_path / "discovery.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    cluster = [*launch, "--master-port", str(_free_port()), "-m", "ravl_engine.cli", "cluster", str(tmp_path / "run")]
+    cluster = [*launch, "--master-port", str(free_port()), "-m", "ravl_engine.cli", "cluster", str(tmp_path / "run")]
     res = subprocess.run(
         [*cluster, "--out", str(tmp_path / "audit-out"), "--no-progress"],
         capture_output=True,
@@ -417,13 +333,13 @@ def test_torchrun_runs_cluster_and_mitigate(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout)["k"] >= 6 and (tmp_path / "audit-out" / "discovery.json").exists()
-    mitigate = [*launch, "--master-port", str(_free_port()), "-m", "ravl_engine.cli", "mitigate", "--train", str(train)]
+    mitigate = [*launch, "--master-port", str(free_port()), "-m", "ravl_engine.cli", "mitigate", "--train", str(train)]
     mitigate += ["--discovery", str(discovery), "--out", str(tmp_path / "m.pt"), "--epochs", "1", "--batch-size", "16"]
     res = subprocess.run([*mitigate, "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads(res.stdout)
     assert summary["world_size"] == 2 and summary["method"] == "ravl" and (tmp_path / "m.pt").exists()
-    finetune = [*launch, "--master-port", str(_free_port()), "-m", "ravl_engine.cli", "finetune", "--train", str(train)]
+    finetune = [*launch, "--master-port", str(free_port()), "-m", "ravl_engine.cli", "finetune", "--train", str(train)]
     finetune += ["--out", str(tmp_path / "f.pt"), "--epochs", "1", "--batch-size", "16", "--no-progress"]
     res = subprocess.run(finetune, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

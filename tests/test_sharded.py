@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import datetime
-import multiprocessing as mp
-import os
-
 import pytest
 import torch
 
 from kernels.kmedoids import kmedoids_pp_init, kmedoids_sweep
 from kernels.sharded import LocalComm, Shard, sharded_fit, sharded_pp_init, sharded_sweep
 from tests.conftest import clustered_rows
-from tests.test_distributed import _free_port
+from tests.gloo import run_ranks
 
 KS = [6, 8, 11]
 
@@ -43,39 +39,22 @@ def test_duplicate_rows_and_every_row_a_center():
     assert fit.converged and fit.labels.tolist()[:4] == [0, 0, 1, 1]
 
 
-def _worker(rank: int, world: int, port: int, split: list[int], path: str) -> None:
-    import torch.distributed as dist
-
+def _worker(rank: int, world: int, split: list[int], path: str) -> None:
     from kernels.sharded import TorchComm
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        x = _data()
-        start = sum(split[:rank])
-        comm = TorchComm()
-        result = sharded_sweep(x[start : start + split[rank]], KS, comm, generator=torch.Generator().manual_seed(3))
-        labels = comm.gather(result.fit.labels)
-        if rank == 0:
-            torch.save(
-                {"k": result.k, "medoids": result.fit.medoids, "labels": labels, "sil": result.silhouettes}, path
-            )
-    finally:
-        dist.destroy_process_group()
+    x = _data()
+    start = sum(split[:rank])
+    comm = TorchComm()
+    result = sharded_sweep(x[start : start + split[rank]], KS, comm, generator=torch.Generator().manual_seed(3))
+    labels = comm.gather(result.fit.labels)
+    if rank == 0:
+        torch.save({"k": result.k, "medoids": result.fit.medoids, "labels": labels, "sil": result.silhouettes}, path)
 
 
 @pytest.mark.parametrize("split", [[800, 700], pytest.param([1499, 1], marks=pytest.mark.slow)])
 def test_two_ranks_equal_one_process(tmp_path, split):
     path = str(tmp_path / "result.pt")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, split, path)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert run_ranks(_worker, split, path) == [0, 0]
     got = torch.load(path)
     want = sharded_sweep(_data(), KS, LocalComm(), generator=torch.Generator().manual_seed(3))
     assert got["k"] == want.k
