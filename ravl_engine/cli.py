@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +29,20 @@ def _emit(summary: dict[str, Any]) -> None:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+@contextmanager
+def _launched(device: str, *, progress: bool, **bar: Any) -> Iterator[tuple[Any, int, int]]:
+    """Join the process group a torchrun launch describes (nothing otherwise); yield (progress bar, rank, world
+    size), the bar drawn on stderr by rank 0 only."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    from ravl_engine.distributed import init_from_env, rank_world  # noqa: PLC0415
+
+    init_from_env(device)
+    rank, world = rank_world()
+    with tqdm(file=sys.stderr, disable=not progress or rank != 0, **bar) as pbar:
+        yield pbar, rank, world
 
 
 def discovery_options(command: F) -> F:
@@ -162,7 +177,6 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def embed_cmd(**opts: Any) -> None:
     """Embed every image and region of a manifest into a resumable run directory."""
-    from tqdm import tqdm  # noqa: PLC0415
 
     from ravl_engine.embed import EmbedConfig, run_embed  # noqa: PLC0415
     from ravl_engine.manifest import read_manifest  # noqa: PLC0415
@@ -174,14 +188,11 @@ def embed_cmd(**opts: Any) -> None:
     fields["proposer_options"] = _parse_options(opts["proposer_options"])
     if templates:
         fields["templates"] = tuple(t for t in templates.split("|") if t)
-    from ravl_engine.distributed import init_from_env, rank_world  # noqa: PLC0415
-
     try:
         cfg = EmbedConfig.from_dict(fields)
-        init_from_env(cfg.device)  # under torchrun: join the process group, ranks share the shards
-        rank, world = rank_world()
         total = len(read_manifest(cfg.data))
-        with tqdm(total=total, desc="embed", unit="img", file=sys.stderr, disable=not progress or rank != 0) as bar:
+        # under torchrun the ranks share the shards
+        with _launched(cfg.device, progress=progress, total=total, desc="embed", unit="img") as (bar, rank, world):
             result = run_embed(cfg, on_images=bar.update)
     except RavlEngineError as err:
         raise click.ClickException(str(err)) from err
@@ -206,20 +217,17 @@ def cluster_cmd(
     progress: bool,
 ) -> None:
     """Find spurious region clusters in a run directory; writes OUT/discovery.json."""
-    from tqdm import tqdm  # noqa: PLC0415
 
     from ravl_engine.cluster import ClusterConfig, run_cluster  # noqa: PLC0415
     from ravl_engine.config import DiscoverConfig  # noqa: PLC0415
-    from ravl_engine.distributed import init_from_env, rank_world  # noqa: PLC0415
 
     try:
         discover_cfg = DiscoverConfig(
             k=k, clip_distance=clip_distance, strategy=strategy, backend=backend, device=device
         )
         cfg = ClusterConfig(run_dir=run_dir, out=out, seed=seed, discover=discover_cfg)
-        init_from_env(device or "cpu")  # under torchrun: the ranks share the region embeddings
-        rank, world = rank_world()
-        with tqdm(desc="K sweep", unit="K", file=sys.stderr, disable=not progress or rank != 0) as bar:
+        # under torchrun the ranks share the region embeddings
+        with _launched(device or "cpu", progress=progress, desc="K sweep", unit="K") as (bar, rank, _world):
             result = run_cluster(cfg, on_k=lambda _entry: bar.update(1))
     except RavlEngineError as err:
         raise click.ClickException(str(err)) from err
@@ -302,18 +310,17 @@ def synth_cmd(**opts: Any) -> None:
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def finetune_cmd(progress: bool, **opts: Any) -> None:
     """CLIP contrastive fine-tuning with early stopping; the checkpoint loads with embed --pretrained."""
-    from tqdm import tqdm  # noqa: PLC0415
 
-    from ravl_engine.distributed import init_from_env, rank_world  # noqa: PLC0415
     from ravl_engine.finetune import FinetuneConfig, run_finetune  # noqa: PLC0415
 
     try:
         cfg = FinetuneConfig(**opts)
-        init_from_env(cfg.device)  # under torchrun: DistributedDataParallel over the ranks
-        rank, world = rank_world()
-        with tqdm(
-            total=cfg.epochs, desc="finetune", unit="epoch", file=sys.stderr, disable=not progress or rank != 0
-        ) as bar:
+        # under torchrun: DistributedDataParallel over the ranks
+        with _launched(cfg.device, progress=progress, total=cfg.epochs, desc="finetune", unit="epoch") as (
+            bar,
+            rank,
+            world,
+        ):
             result = run_finetune(cfg, on_epoch=lambda _e: bar.update(1))
     except RavlEngineError as err:
         raise click.ClickException(str(err)) from err
@@ -368,18 +375,17 @@ def finetune_cmd(progress: bool, **opts: Any) -> None:
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def mitigate_cmd(progress: bool, clusters: tuple[int, ...], **opts: Any) -> None:
     """Fine-tune with RaVL's region-aware loss (or a baseline) so the discovered feature stops driving its class."""
-    from tqdm import tqdm  # noqa: PLC0415
 
-    from ravl_engine.distributed import init_from_env, rank_world  # noqa: PLC0415
     from ravl_engine.mitigate import MitigateConfig, run_mitigate  # noqa: PLC0415
 
     try:
         cfg = MitigateConfig(clusters=clusters or (1,), **opts)
-        init_from_env(cfg.device)  # under torchrun: DistributedDataParallel over the ranks
-        rank, world = rank_world()
-        with tqdm(
-            total=cfg.epochs, desc=cfg.method, unit="epoch", file=sys.stderr, disable=not progress or rank != 0
-        ) as bar:
+        # under torchrun: DistributedDataParallel over the ranks
+        with _launched(cfg.device, progress=progress, total=cfg.epochs, desc=cfg.method, unit="epoch") as (
+            bar,
+            rank,
+            world,
+        ):
             result = run_mitigate(cfg, on_epoch=lambda _e: bar.update(1))
     except RavlEngineError as err:
         raise click.ClickException(str(err)) from err
