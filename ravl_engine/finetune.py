@@ -234,8 +234,13 @@ def save_checkpoint(path: Path, blob: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def load_images(paths: Sequence[Path], *, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """Decode, resize (no crop) and normalise images: [N, 3, size, size] float32.
+def load_images(
+    paths: Sequence[Path], *, size: int, mean: Sequence[float], std: Sequence[float]
+) -> tuple[Tensor, Tensor]:
+    """Decode, resize (no crop) and normalise images.
+
+    Returns:
+        (images [N, 3, size, size] float32, original sizes [N, 2] int64 as (width, height) pixels).
 
     Raises:
         ConfigError: an image cannot be read (names the file).
@@ -243,15 +248,17 @@ def load_images(paths: Sequence[Path], *, size: int, mean: Sequence[float], std:
     from PIL import Image  # noqa: PLC0415
 
     out = torch.empty(len(paths), 3, size, size)
+    sizes = torch.empty(len(paths), 2, dtype=torch.int64)
     for i, path in enumerate(paths):
         try:
             with Image.open(path) as img:
                 array = np.array(img.convert("RGB"), dtype=np.uint8)
         except Exception as err:
             raise ConfigError(f"{path}: cannot read the image ({type(err).__name__}: {err})") from err
+        sizes[i, 0], sizes[i, 1] = array.shape[1], array.shape[0]
         t = torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)[None]
         out[i] = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", antialias=True)[0]
-    return (out - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    return (out - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1), sizes
 
 
 def run_finetune(cfg: FinetuneConfig, *, on_epoch: Callable[[dict[str, float]], None] | None = None) -> FinetuneResult:
@@ -266,7 +273,7 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: Callable[[dict[str, float]], 
     classes = resolve_classes(rows) if labelled else []
     loaded = load_clip(cfg.model, cfg.pretrained, device=cfg.device, init_seed=cfg.seed)
     lr, freeze_text = schedule_defaults(cfg.pretrained, cfg.lr, cfg.freeze_text)
-    images = load_images([r.path for r in rows], size=loaded.image_size, mean=loaded.mean, std=loaded.std)
+    images, _ = load_images([r.path for r in rows], size=loaded.image_size, mean=loaded.mean, std=loaded.std)
     val_idx, train_idx = holdout_split(len(rows), cfg.val_fraction, cfg.seed, source=cfg.train)
     captions = [rows[i].caption or "" for i in train_idx.tolist()]
     model = loaded.model

@@ -350,7 +350,6 @@ def _prepare(
     cfg: MitigateConfig, disc: _Discovery, size: int, mean: Sequence[float], std: Sequence[float]
 ) -> _TrainSet:
     """Propose + embed the fine-tuning regions with the audited model, assign them to the medoids, parse captions."""
-    from PIL import Image  # noqa: PLC0415
 
     rows = read_manifest(cfg.train)
     missing = [i for i, r in enumerate(rows) if r.caption is None]
@@ -383,20 +382,17 @@ def _prepare(
             f"{cfg.method!r} needs class mentions (or use --method standard)"
         )
     paths = [r.path for r in kept]
-    scale = []
-    for p in paths:
-        with Image.open(p) as img:
-            w, h = img.size
-        scale.append([size / w, size / h, size / w, size / h])
+    images, sizes = load_images(paths, size=size, mean=mean, std=std)
+    scale = (size / sizes.double()).repeat(1, 2).float()  # [N, 4]: x, y, x, y
     counts = torch.from_numpy(data.num_regions.astype(np.int64))
     owner = torch.repeat_interleave(torch.arange(len(kept)), counts)
-    boxes = torch.from_numpy(data.boxes) * torch.tensor(scale, dtype=torch.float32)[owner]
+    boxes = torch.from_numpy(data.boxes) * scale[owner]
     present = torch.zeros(len(kept), dtype=torch.bool).index_put_((owner[spurious],), torch.tensor(True))
     lab = torch.from_numpy(labels)
     c = len(disc.classes)
     groups = torch.where(lab >= 0, 2 * lab, 2 * c) + present.long()
     return _TrainSet(
-        images=load_images(paths, size=size, mean=mean, std=std),
+        images=images,
         captions=captions,
         labels=lab,
         boxes=boxes,
