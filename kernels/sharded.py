@@ -261,12 +261,14 @@ def sharded_fit(
 
 @dataclass(frozen=True)
 class ShardedSweep:
-    """The best fit of a sharded K sweep (``fit.labels``: this rank's rows) and every K's silhouette."""
+    """The best fit of a sharded K sweep (``fit.labels``: this rank's rows), every K's silhouette, and this rank's
+    place among the rows (``shard``)."""
 
     k: int
     fit: ShardedFit
     silhouettes: dict[int, float]
     stats: list[dict[str, Any]]
+    shard: Shard
     strategy: str = "sharded"
 
 
@@ -319,4 +321,4 @@ def sharded_sweep(
         if best is None or key > best[0]:
             best = (key, k, fit)
     assert best is not None
-    return ShardedSweep(k=best[1], fit=best[2], silhouettes=silhouettes, stats=stats)
+    return ShardedSweep(k=best[1], fit=best[2], silhouettes=silhouettes, stats=stats, shard=shard)

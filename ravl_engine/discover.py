@@ -386,7 +386,7 @@ def run_discover(
         local_labels = sharded.fit.labels
         labels = comm.gather(local_labels)
         medoids = sharded.fit.medoids.to(labels.device)
-        shard = Shard.of(inp.x, comm)
+        shard = sharded.shard
         medoid_emb = shard.rows(medoids.cpu(), comm)
     else:
         sweep = kmedoids_sweep(
