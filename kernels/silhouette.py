@@ -93,8 +93,8 @@ def silhouette_from_gram(
     counts: Tensor,
     sq_norms: Tensor,
     *,
+    rows: Tensor | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
-    overwrite: bool = False,
     reduce: str = "mean",
 ) -> Tensor:
     """Mean silhouette per labelling from G = S @ X.T (S the cluster member sums) by the sum identity.
@@ -104,12 +104,14 @@ def silhouette_from_gram(
     float64 inputs).
 
     Args:
-        gram: [K, N] or [F, K, N] float (cluster-major: one row per cluster).
+        gram: [K, N] or [F, K, N] float (cluster-major: one row per cluster); with ``rows``, [U, N] rows that
+            clusters share.
         labels: [N] or [F, N] int64.
         counts: [K] or [F, K] cluster sizes.
         sq_norms: [N] float64 squared row norms.
+        rows: optional [K] or [F, K] int64 row of ``gram`` holding each cluster's G (the K sweep's fits share most
+            clusters: each distinct one is stored once). Clusters sharing a row must have equal sizes.
         block_size: columns (points) per block.
-        overwrite: use ``gram`` as scratch space (saves a [..., K, block] temporary; ``gram`` is garbage after).
         reduce: "mean", or "sum" of the per-point silhouettes with no definedness check (for a slice of the points
             whose ``counts`` and cluster sums cover all of them: the sharded K-medoids adds the slices' sums).
 
@@ -118,21 +120,31 @@ def silhouette_from_gram(
         are non-empty.
     """
     n = gram.shape[-1]
+    shared = rows is not None
+    if rows is None:
+        rows = torch.arange(counts.numel(), device=gram.device).view(counts.shape)
+        gram = gram.reshape(-1, n)
     total = torch.zeros(counts.shape[:-1], dtype=torch.float64, device=gram.device)
-    size = counts.to(gram.dtype)[..., None]  # [..., K, 1]
-    inv_size = torch.where(size > 0, 1.0 / size, torch.zeros_like(size))
-    # added to G / |C| so that empty clusters never give the smallest mean distance
-    empty_penalty = torch.where(size > 0, torch.zeros_like(size), torch.full_like(size, float("-inf")))
+    size = counts.to(gram.dtype)
+    # per gram row: 1 / |C|, and -inf for empty clusters so that they never give the smallest mean distance
+    row_size = torch.zeros(gram.shape[0], dtype=gram.dtype, device=gram.device).scatter_(
+        0, rows.reshape(-1), size.reshape(-1)
+    )
+    inv_size = torch.where(row_size > 0, 1.0 / row_size, torch.zeros_like(row_size))[:, None]
+    empty_penalty = torch.where(row_size > 0, 0.0, float("-inf")).to(gram.dtype)[:, None]
     for start in range(0, n, block_size):
-        g = gram[..., start : start + block_size]
-        lb = labels[..., None, start : start + block_size]  # [..., 1, B]
-        own_size = size.expand_as(g).gather(-2, lb).squeeze(-2)
+        g = gram[:, start : start + block_size]  # [U, B]
+        lb = labels[..., start : start + block_size]  # [..., B]
+        own_size = size.gather(-1, lb)
+        own_g = g.gather(0, rows.gather(-1, lb).reshape(-1, lb.shape[-1])).view_as(own_size)
         self_term = (1.0 - sq_norms[start : start + block_size]).to(gram.dtype)
-        a = ((own_size - g.gather(-2, lb).squeeze(-2) - self_term) / (own_size - 1.0)).clamp_min(0.0)
+        a = ((own_size - own_g - self_term) / (own_size - 1.0)).clamp_min(0.0)
         # b = 1 - the largest G[C, i] / |C| over the other non-empty clusters
-        ratio = g.mul_(inv_size).add_(empty_penalty) if overwrite else torch.addcmul(empty_penalty, g, inv_size)
-        ratio.scatter_(-2, lb, float("-inf"))
-        b = (1.0 - ratio.max(dim=-2).values).clamp_min(0.0)
+        ratio = torch.addcmul(empty_penalty, g, inv_size)
+        if shared:
+            ratio = ratio.index_select(0, rows.reshape(-1))
+        ratio = ratio.view(*rows.shape, -1).scatter_(-2, lb[..., None, :], float("-inf"))
+        b = (1.0 - ratio.amax(dim=-2)).clamp_min(0.0)
         s = (b - a) / torch.maximum(a, b)
         s = torch.nan_to_num(torch.where(own_size > 1, s, torch.zeros_like(s)), nan=0.0, posinf=0.0, neginf=0.0)
         total += s.to(torch.float64).sum(-1)

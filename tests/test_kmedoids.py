@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from kernels.backends import FaissBackend, TorchBackend, faiss_available
 from kernels.kmedoids import (
+    MedoidBank,
     fit_kmedoids,
     fit_kmedoids_batch,
     fit_kmedoids_search,
@@ -121,6 +122,40 @@ def test_batch_equals_individual_fits(clip):
         assert got.n_iter == alone.n_iter
         assert math.isclose(got.silhouette, alone.silhouette, rel_tol=1e-12, abs_tol=1e-12)
         assert math.isclose(got.objective, alone.objective, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_medoid_bank_rows_and_assignment_through_many_moves(clip):
+    """Random medoid moves (new points, shared points, points that left the bank) force compactions; after each
+    move the bank's similarities and assignment equal a plain [slots, N] table built from scratch (float64)."""
+    x = unit_rows(80, 6, seed=3)
+    n_fits, k_max = 3, 5
+    ks = [3, 5, 4]
+    gen = torch.Generator().manual_seed(0)
+    medoids = torch.full((n_fits * k_max,), -1, dtype=torch.int64)
+    for f, k in enumerate(ks):
+        medoids[f * k_max : f * k_max + k] = torch.randperm(80, generator=gen)[:k]
+    bank = MedoidBank(x, medoids, clip=clip, block_size=7)
+    compactions = 0
+    for _ in range(40):
+        used = (medoids >= 0).nonzero().squeeze(1)
+        moved = used[torch.randperm(used.numel(), generator=gen)[:4]]
+        pool = 80 if torch.rand(1, generator=gen) < 0.5 else 10  # sometimes revisit the same few points
+        points = torch.randint(pool, (moved.numel(),), generator=gen)
+        size_before = bank.size
+        medoids[moved] = points
+        bank.move(moved, points)
+        compactions += int(bank.size < size_before)
+        table = (x[medoids.clamp_min(0)] @ x.T).view(n_fits, k_max, -1)
+        if clip:
+            table = table.clamp(0.0, 1.0)
+        table[(medoids < 0).view(n_fits, k_max)] = float("-inf")
+        assert bank.assign(n_fits, k_max).tolist() == table.max(dim=1).indices.tolist()
+        slots = torch.randint(k_max, (n_fits, 80), generator=gen).clamp_max(torch.tensor(ks)[:, None] - 1)
+        expected = table.gather(1, slots[:, None, :]).squeeze(1)
+        got = bank.similarity(slots + torch.arange(n_fits)[:, None] * k_max)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)  # products of other row sets: last-bit noise
+    assert compactions > 0
 
 
 def test_search_strategy_equals_cached_torch_backend():
