@@ -251,26 +251,23 @@ def fit_kmedoids_batch(
     prefix = init_sims[:k_max] if init_sims is not None else None
     bank = MedoidBank(x, medoids, clip=clip, block_size=block_size, prefix_points=longest, prefix_sims=prefix)
 
-    def assign() -> Tensor:
-        return bank.assign(n_fits, k_max) + offsets  # [F, N] global slots
-
+    all_fits = torch.arange(n_fits, device=dev)
     if init_sims is not None:  # the fits' inits are prefixes of one sequence: one running argmax labels them all
         slots = _prefix_argmax(init_sims[:k_max], ks, clip=clip) + offsets
     else:
-        slots = assign()
+        slots = bank.assign(all_fits, k_max) + offsets  # [F, N] global slots
     sums = None
     if not clip:
         # member sums S per slot (unused slots stay 0), kept up to date from the points that switch clusters
         sums = torch.zeros(n_slots, x.shape[1], dtype=x.dtype, device=dev)
         for f in range(n_fits):
             sums.index_add_(0, slots[f], x)
-    changed = real.reshape(-1).nonzero().squeeze(1)  # slots whose member set changed since their medoid was chosen
+    is_changed = real.reshape(-1).clone()  # slots whose member set changed since their medoid was chosen
     n_iter = [max_iter] * n_fits
     converged = [False] * n_fits
     stats: list[list[dict[str, Any]]] = [[] for _ in range(n_fits)]
     for it in range(1, max_iter + 1):
-        is_changed = torch.zeros(n_slots, dtype=torch.bool, device=dev)
-        is_changed[changed] = True
+        changed = is_changed.nonzero().squeeze(1)
         pos = is_changed[slots].reshape(-1).nonzero().squeeze(1)  # (fit, row) pairs; rows ascending per slot
         row, own = pos % n, slots.reshape(-1)[pos]
         if sums is not None:
@@ -293,18 +290,21 @@ def fit_kmedoids_batch(
         medoids = new_medoids
         moved_per_fit = torch.bincount(fit_of_slot[moved], minlength=n_fits).tolist()
         switched_per_fit = [0] * n_fits
+        is_changed = torch.zeros(n_slots, dtype=torch.bool, device=dev)
         if moved.numel():
             bank.move(moved, medoids[moved])
-            new_slots = assign()
+            # only fits whose medoids moved can change their assignment
+            active = torch.tensor([f for f, m in enumerate(moved_per_fit) if m], device=dev)
+            new_slots = slots.clone()
+            new_slots[active] = bank.assign(active, k_max) + offsets[active]
             switched = new_slots != slots
             switched_per_fit = switched.sum(1).tolist()
             if sums is not None:
                 _update_sums(sums, x, slots, new_slots, switched, switched_per_fit, k_max=k_max)
             # a cluster whose member set is unchanged keeps its medoid: same members, same sums, same argmin
-            changed = torch.unique(torch.cat([slots[switched], new_slots[switched]]))
+            is_changed[slots[switched]] = True
+            is_changed[new_slots[switched]] = True
             slots = new_slots
-        else:
-            changed = changed[:0]
         for f in range(n_fits):
             if converged[f]:
                 continue
@@ -473,15 +473,17 @@ class MedoidBank:
             self._append(new)
             self.slot_row[slots] = self.row_of_point[points]
 
-    def assign(self, n_fits: int, k_max: int) -> Tensor:
-        """[F, N] nearest slot (0..k_max-1) of each fit; ties go to the lowest slot, like the reference's argmin."""
+    def assign(self, fits: Tensor, k_max: int) -> Tensor:
+        """[len(fits), N] nearest slot (0..k_max-1) of each given fit (slots f * k_max + j); ties go to the lowest
+        slot, like the reference's argmin."""
         n = self.x.shape[0]
-        out = torch.empty(n_fits, n, dtype=torch.int64, device=self.x.device)
+        out = torch.empty(fits.numel(), n, dtype=torch.int64, device=self.x.device)
         rows = self.rows[: self.size]
+        slot_row = self.slot_row.view(-1, k_max)[fits].reshape(-1)
         # column blocks of about 2 MB: the expanded [slots, block] table stays small and its memory is reused
-        block = max(64, min(self.block_size, (2 << 20) // max(1, 4 * self.slot_row.numel())))
+        block = max(64, min(self.block_size, (2 << 20) // max(1, 4 * slot_row.numel())))
         for start in range(0, n, block):
-            sims = rows[:, start : start + block].index_select(0, self.slot_row).view(n_fits, k_max, -1)
+            sims = rows[:, start : start + block].index_select(0, slot_row).view(fits.numel(), k_max, -1)
             out[:, start : start + block] = sims.max(dim=1).indices
         return out
 

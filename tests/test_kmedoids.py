@@ -150,7 +150,8 @@ def test_medoid_bank_rows_and_assignment_through_many_moves(clip):
         if clip:
             table = table.clamp(0.0, 1.0)
         table[(medoids < 0).view(n_fits, k_max)] = float("-inf")
-        assert bank.assign(n_fits, k_max).tolist() == table.max(dim=1).indices.tolist()
+        assert bank.assign(torch.arange(n_fits), k_max).tolist() == table.max(dim=1).indices.tolist()
+        assert bank.assign(torch.tensor([2, 0]), k_max).tolist() == table[[2, 0]].max(dim=1).indices.tolist()
         slots = torch.randint(k_max, (n_fits, 80), generator=gen).clamp_max(torch.tensor(ks)[:, None] - 1)
         expected = table.gather(1, slots[:, None, :]).squeeze(1)
         got = bank.similarity(slots + torch.arange(n_fits)[:, None] * k_max)
