@@ -13,10 +13,11 @@ medoid, as in the reference. Candidates whose scores differ by less than the rou
 
 Two strategies compute the same iteration:
 
-- ``cached`` (default when it fits the memory budget): [K, N] tables of similarities to the medoids and of
-  ``G = S @ X.T``. After an update only the rows of medoids that moved, and of clusters whose members changed, are
-  recomputed, and the final ``G`` gives the silhouette for free. Many fits (the K sweep) run in lockstep so they
-  share every tensor op.
+- ``cached`` (default when it fits the memory budget): many fits (the K sweep) run in lockstep so that they share
+  every tensor op, and share rows: the similarities to the medoids live in a bank with one [N] row per distinct
+  medoid point (:class:`MedoidBank`; a sweep's fits share most medoids), and ``G = S @ X.T`` is computed once per
+  distinct member set (:func:`distinct_products`), only for clusters whose members changed. The final sums give the
+  silhouette (:func:`kernels.silhouette.silhouette_from_gram` on the shared rows).
 - ``search``: no [K, N] table; each iteration assigns by top-1 search through a :mod:`kernels.backends` backend
   (Faiss when asked or on GPU) and scores medoids in row blocks. For N x K too large to cache.
 
@@ -372,15 +373,16 @@ def _update_sums(
         sums.index_add_(0, old[fit_idx, row_idx], moving, alpha=-1)
 
 
-def unique_rows(t: Tensor) -> tuple[Tensor, Tensor]:
+def unique_rows(t: Tensor, *, probe: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Distinct rows of a 2-D tensor and the index of each input row among them, like ``torch.unique(t, dim=0,
     return_inverse=True)`` but without its row sort: rows are grouped by a float64 random projection, and every row
     is checked against its group's first row (any mismatch falls back to ``torch.unique``, so the result is exact).
-    The distinct rows come in order of first appearance.
+    The distinct rows come in order of first appearance. ``probe``: the [D] projection (default: fixed, irregular).
     """
     if t.shape[0] == 0:
         return t, torch.zeros(0, dtype=torch.int64, device=t.device)
-    probe = torch.linspace(1.0, 2.0, t.shape[1], dtype=torch.float64, device=t.device).sqrt_()
+    if probe is None:
+        probe = torch.linspace(1.0, 2.0, t.shape[1], dtype=torch.float64, device=t.device).sqrt_()
     key = t.to(torch.float64) @ probe
     _, group = torch.unique(key, return_inverse=True)
     first = torch.full((int(group.max()) + 1,), t.shape[0], dtype=torch.int64, device=t.device)

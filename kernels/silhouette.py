@@ -124,7 +124,6 @@ def silhouette_from_gram(
     if rows is None:
         rows = torch.arange(counts.numel(), device=gram.device).view(counts.shape)
         gram = gram.reshape(-1, n)
-    total = torch.zeros(counts.shape[:-1], dtype=torch.float64, device=gram.device)
     size = counts.to(gram.dtype)
     # per gram row: 1 / |C|, and -inf for empty clusters so that they never give the smallest mean distance
     row_size = torch.zeros(gram.shape[0], dtype=gram.dtype, device=gram.device).scatter_(
@@ -132,22 +131,22 @@ def silhouette_from_gram(
     )
     inv_size = torch.where(row_size > 0, 1.0 / row_size, torch.zeros_like(row_size))[:, None]
     empty_penalty = torch.where(row_size > 0, 0.0, float("-inf")).to(gram.dtype)[:, None]
+    own_size = size.gather(-1, labels)  # [..., N]
+    own_g = gram.gather(0, rows.gather(-1, labels).reshape(-1, n)).view_as(own_size)
+    a = ((own_size - own_g - (1.0 - sq_norms).to(gram.dtype)) / (own_size - 1.0)).clamp_min(0.0)
+    # b = 1 - the largest G[C, i] / |C| over the other non-empty clusters: the only [clusters, N]-sized step, so
+    # it alone runs in column blocks
+    best_other = torch.empty_like(own_size)
     for start in range(0, n, block_size):
-        g = gram[:, start : start + block_size]  # [U, B]
-        lb = labels[..., start : start + block_size]  # [..., B]
-        own_size = size.gather(-1, lb)
-        own_g = g.gather(0, rows.gather(-1, lb).reshape(-1, lb.shape[-1])).view_as(own_size)
-        self_term = (1.0 - sq_norms[start : start + block_size]).to(gram.dtype)
-        a = ((own_size - own_g - self_term) / (own_size - 1.0)).clamp_min(0.0)
-        # b = 1 - the largest G[C, i] / |C| over the other non-empty clusters
-        ratio = torch.addcmul(empty_penalty, g, inv_size)
+        ratio = torch.addcmul(empty_penalty, gram[:, start : start + block_size], inv_size)  # [U, B]
         if shared:
             ratio = ratio.index_select(0, rows.reshape(-1))
-        ratio = ratio.view(*rows.shape, -1).scatter_(-2, lb[..., None, :], float("-inf"))
-        b = (1.0 - ratio.amax(dim=-2)).clamp_min(0.0)
-        s = (b - a) / torch.maximum(a, b)
-        s = torch.nan_to_num(torch.where(own_size > 1, s, torch.zeros_like(s)), nan=0.0, posinf=0.0, neginf=0.0)
-        total += s.to(torch.float64).sum(-1)
+        ratio = ratio.view(*rows.shape, -1).scatter_(-2, labels[..., None, start : start + block_size], float("-inf"))
+        best_other[..., start : start + block_size] = ratio.amax(dim=-2)
+    b = (1.0 - best_other).clamp_min(0.0)
+    s = (b - a) / torch.maximum(a, b)
+    s = torch.nan_to_num(torch.where(own_size > 1, s, torch.zeros_like(s)), nan=0.0, posinf=0.0, neginf=0.0)
+    total = s.to(torch.float64).sum(-1)
     if reduce == "sum":
         return total
     mean = total / n

@@ -165,7 +165,10 @@ def _as_float_matrix(
     if cols is not None and t.shape[1] != cols:
         raise ConfigError(f"{name} has {t.shape[1]} columns but image_scores has {cols} classes")
     for start in range(0, t.shape[0], 65536):  # in blocks: no [R, D] bool temporary
-        bad = ~torch.isfinite(t[start : start + 65536]).all(dim=1)
+        block = t[start : start + 65536]
+        if bool(torch.isfinite(block.sum(dim=1)).all()):  # a NaN or inf entry makes its row's sum non-finite
+            continue
+        bad = ~torch.isfinite(block).all(dim=1)  # (or the sum overflowed: look at the entries)
         if bool(bad.any()):
             row = row_offset + start + int(bad.nonzero()[0, 0])
             raise ConfigError(f"{name} row {row} contains NaN or inf; drop or fix that row")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ravl_engine import ConfigError, DiscoverConfig, RavlEngineWarning, discover
+from ravl_engine.discover import _as_float_matrix
 from ravl_engine.synth import KIND_FEATURE, planted_embeddings, precision_at_k
 from tests.conftest import random_scores, unit_rows
 from tests.oracles import dense_discover
@@ -157,6 +158,13 @@ def test_nan_and_zero_rows_are_refused_with_the_row():
     args[4][9, 0] = np.inf
     with pytest.raises(ConfigError, match="region_scores row 9 contains NaN or inf"):
         discover(*args)
+    args = _valid()
+    args[0][30, :2] = [np.inf, -np.inf]  # the row's sum is NaN
+    with pytest.raises(ConfigError, match="region_embeddings row 30 contains NaN or inf"):
+        discover(*args)
+    # finite entries whose row sum overflows are not NaN or inf: the check looks at the entries then
+    big = np.full((3, 4), 3e38, dtype=np.float32)
+    assert _as_float_matrix("region_embeddings", big, rows=3, rows_from="test") is not None
 
 
 def test_non_normalised_rows_warn_and_are_normalised_or_refused():

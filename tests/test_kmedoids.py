@@ -18,6 +18,7 @@ from kernels.kmedoids import (
     fit_kmedoids_search,
     kmedoids_pp_init,
     kmedoids_sweep,
+    unique_rows,
 )
 from tests.conftest import clustered_rows, unit_rows
 from tests.oracles import dense_distance, dense_kmedoids, dense_kpp_init
@@ -157,6 +158,28 @@ def test_medoid_bank_rows_and_assignment_through_many_moves(clip):
         got = bank.similarity(slots + torch.arange(n_fits)[:, None] * k_max)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)  # products of other row sets: last-bit noise
     assert compactions > 0
+
+
+@pytest.mark.parametrize("collide", [False, True])
+def test_unique_rows_equals_torch_unique(collide):
+    """Same distinct rows and mapping as torch.unique(dim=0), in order of first appearance; with a probe under which
+    every row collides, the check against the group's first row falls back to torch.unique."""
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(6, 4, generator=gen)
+    base[2] = 0.0
+    t = base[torch.randint(6, (40,), generator=gen)]
+    t[7] = -0.0  # equal to the zero row
+    probe = torch.zeros(4, dtype=torch.float64) if collide else None
+    distinct, inverse = unique_rows(t, probe=probe)
+    assert torch.equal(distinct[inverse], t)
+    expected, _ = torch.unique(t, dim=0, return_inverse=True)
+    assert distinct.shape == expected.shape
+    assert sorted(map(tuple, distinct.tolist())) == sorted(map(tuple, expected.tolist()))
+    if not collide:
+        firsts = [int((inverse == u).nonzero()[0, 0]) for u in range(distinct.shape[0])]
+        assert firsts == sorted(firsts)
+    empty, empty_inverse = unique_rows(t[:0])
+    assert empty.shape == (0, 4) and empty_inverse.numel() == 0
 
 
 def test_search_strategy_equals_cached_torch_backend():
