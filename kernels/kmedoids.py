@@ -270,10 +270,15 @@ def fit_kmedoids_batch(
         row, own = pos % n, slots.reshape(-1)[pos]
         if sums is not None:
             # total distance to the own cluster is (|C| - 1) - (x_i . S_c - |x_i|^2): maximise the bracket
-            gram, gram_row = distinct_products(sums[changed], x)
-            local = torch.empty(n_slots, dtype=torch.int64, device=dev)
-            local[changed] = torch.arange(changed.numel(), device=dev)
-            score = gram[gram_row[local[own]], row].to(torch.float64) - sq_norms[row]
+            score = row.to(torch.float64)  # (empty when no cluster changed)
+            if changed.numel():
+                gram, gram_row = distinct_products(sums[changed], x)
+                local = torch.zeros(n_slots, dtype=torch.int64, device=dev)
+                local[changed] = torch.arange(changed.numel(), device=dev)
+                # G of every (fit, row) through the row's own cluster (a gather over the whole grid is faster than
+                # indexing the pairs), then the pairs in changed clusters
+                own_g = gram.gather(0, gram_row[local[slots]]).view(-1)[pos]
+                score = own_g.to(torch.float64) - sq_norms[row]
         else:
             rows = torch.unique(row)
             pair_sums = pairwise_distance_sums(
