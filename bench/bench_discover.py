@@ -116,8 +116,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated REGIONSxDIMS")
     parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of discover() per configuration")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of discover() per configuration")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        help="untimed runs before the timed ones (the first 2-3 runs of a process "
+        "are 10-30%% slower while the allocator grows)",
+    )
     parser.add_argument("--dense-max", type=int, default=8000, help="run the dense baseline up to this many regions")
     parser.add_argument("--dense-repeats", type=int, default=1)
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda")
