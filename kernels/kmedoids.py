@@ -216,7 +216,9 @@ def fit_kmedoids_batch(
 
     Fit f has ``len(inits[f])`` clusters. All fits share every matmul and every tensor op, so F small fits cost
     about as much dispatch overhead as one; each fit's result is exactly what it would be alone. Clusters are laid
-    out as F blocks of ``k_max`` slots (unused slots are never assigned). Memory: two [F * k_max, N] tables.
+    out as F blocks of ``k_max`` slots (unused slots are never assigned). Memory: [N] rows of similarities to the
+    distinct medoids (:class:`MedoidBank`) and of products with the distinct changed cluster sums, each at most
+    about one row per slot, plus a few [F, N] index tables.
 
     Args:
         x: [N, D] float, L2-normalised rows (float64 gives results equal to a float64 dense reference).
@@ -226,8 +228,8 @@ def fit_kmedoids_batch(
         init_sims: optional [>= max K, N] inner products of ``inits[f]`` with every row when every init is a
             prefix of the same sequence (the K sweep's case); saves the first similarity pass.
         sq_norms: optional [N] float64 squared row norms.
-        with_silhouette: also compute each final clustering's cosine silhouette (free for the unclipped
-            distance: it reuses the cluster sums of the last iteration).
+        with_silhouette: also compute each final clustering's cosine silhouette (cheap for the unclipped
+            distance: one product per distinct final cluster sum).
         block_size: rows per block for the clipped pairwise sums.
 
     Returns:
@@ -258,8 +260,7 @@ def fit_kmedoids_batch(
     if not clip:
         # member sums S per slot (unused slots stay 0), kept up to date from the points that switch clusters
         sums = torch.zeros(n_slots, x.shape[1], dtype=x.dtype, device=dev)
-        for f in range(n_fits):
-            sums.index_add_(0, slots[f], x)
+        _resum(sums, x, slots, list(range(n_fits)), k_max=k_max)
     is_changed = real.reshape(-1).clone()  # slots whose member set changed since their medoid was chosen
     n_iter = [max_iter] * n_fits
     converged = [False] * n_fits
@@ -270,7 +271,7 @@ def fit_kmedoids_batch(
         row, own = pos % n, slots.reshape(-1)[pos]
         if sums is not None:
             # total distance to the own cluster is (|C| - 1) - (x_i . S_c - |x_i|^2): maximise the bracket
-            score = row.to(torch.float64)  # (empty when no cluster changed)
+            score = torch.empty(0, dtype=torch.float64, device=dev)
             if changed.numel():
                 gram, gram_row = distinct_products(sums[changed], x)
                 local = torch.zeros(n_slots, dtype=torch.int64, device=dev)
@@ -330,8 +331,8 @@ def fit_kmedoids_batch(
         silhouettes = sil.tolist()
 
     dist = _distance(bank.similarity(slots), clip)  # [F, N]
-    for f in range(n_fits):
-        dist[f, medoids[f * k_max : f * k_max + ks[f]]] = 0.0  # a medoid is at distance 0 from itself
+    is_medoid = medoids >= 0
+    dist.view(-1)[fit_of_slot[is_medoid] * n + medoids[is_medoid]] = 0.0  # a medoid is at distance 0 from itself
     objectives = dist.sum(1).tolist()
     return [
         KMedoidsResult(
@@ -345,6 +346,14 @@ def fit_kmedoids_batch(
         )
         for f in range(n_fits)
     ]
+
+
+def _resum(sums: Tensor, x: Tensor, slots: Tensor, fits: list[int], *, k_max: int) -> None:
+    """Recompute the member sums of the given fits from scratch, adding rows in order (``slots``: [F, N] global)."""
+    if fits:
+        sums.view(-1, k_max, x.shape[1])[fits] = 0
+    for f in fits:
+        sums.index_add_(0, slots[f], x)
 
 
 def _update_sums(
@@ -364,10 +373,7 @@ def _update_sums(
     large and few points move).
     """
     heavy = [f for f, count in enumerate(switched_per_fit) if count * 8 > x.shape[0]]
-    for f in heavy:
-        block = slice(f * k_max, (f + 1) * k_max)
-        sums[block] = 0
-        sums[block].index_add_(0, new[f] - f * k_max, x)
+    _resum(sums, x, new, heavy, k_max=k_max)
     if heavy:
         switched = switched.clone()
         switched[heavy] = False
