@@ -256,11 +256,12 @@ def fit_kmedoids_batch(
         slots = _prefix_argmax(init_sims[:k_max], ks, clip=clip) + offsets
     else:
         slots = bank.assign(all_fits, k_max) + offsets  # [F, N] global slots
-    sums = None
+    sums = keys = point_keys = None
     if not clip:
-        # member sums S per slot (unused slots stay 0), kept up to date from the points that switch clusters
-        sums = torch.zeros(n_slots, x.shape[1], dtype=x.dtype, device=dev)
-        _resum(sums, x, slots, list(range(n_fits)), k_max=k_max)
+        # member sums S per slot (unused slots stay 0) and member-set keys, kept up to date from the points that
+        # switch clusters
+        point_keys = member_keys(n, device=dev)
+        sums, keys = _initial_sums(x, point_keys, slots, k_max=k_max)
     is_changed = real.reshape(-1).clone()  # slots whose member set changed since their medoid was chosen
     n_iter = [max_iter] * n_fits
     converged = [False] * n_fits
@@ -269,11 +270,11 @@ def fit_kmedoids_batch(
         changed = is_changed.nonzero().squeeze(1)
         pos = is_changed[slots].reshape(-1).nonzero().squeeze(1)  # (fit, row) pairs; rows ascending per slot
         row, own = pos % n, slots.reshape(-1)[pos]
-        if sums is not None:
+        if sums is not None and keys is not None:
             # total distance to the own cluster is (|C| - 1) - (x_i . S_c - |x_i|^2): maximise the bracket
             score = torch.empty(0, dtype=torch.float64, device=dev)
             if changed.numel():
-                gram, gram_row = distinct_products(sums[changed], x)
+                gram, gram_row = distinct_products(sums[changed], keys[changed], x)
                 local = torch.zeros(n_slots, dtype=torch.int64, device=dev)
                 local[changed] = torch.arange(changed.numel(), device=dev)
                 # G of every (fit, row) through the row's own cluster (a gather over the whole grid is faster than
@@ -303,8 +304,8 @@ def fit_kmedoids_batch(
             new_slots[active] = bank.assign(active, k_max) + offsets[active]
             switched = new_slots != slots
             switched_per_fit = switched.sum(1).tolist()
-            if sums is not None:
-                _update_sums(sums, x, slots, new_slots, switched, switched_per_fit, k_max=k_max)
+            if sums is not None and keys is not None and point_keys is not None:
+                _move_members(sums, keys, x, point_keys, slots, new_slots, switched, switched_per_fit, k_max=k_max)
             # a cluster whose member set is unchanged keeps its medoid: same members, same sums, same argmin
             is_changed[slots[switched]] = True
             is_changed[new_slots[switched]] = True
@@ -322,8 +323,8 @@ def fit_kmedoids_batch(
     labels = slots - offsets  # [F, N]
     silhouettes = [math.nan] * n_fits
     if with_silhouette:
-        if sums is not None:
-            sil = _batch_silhouette(x, sums, labels, counts, sq_norms)
+        if sums is not None and keys is not None:
+            sil = _batch_silhouette(x, sums, keys, labels, counts, sq_norms)
         else:
             sums = pairwise_distance_sums(x, labels.T, k_max, clip=True, block_size=block_size)
             sil = silhouette_from_sums(sums, labels.T, counts).to(torch.float64).mean(0)
@@ -348,17 +349,55 @@ def fit_kmedoids_batch(
     ]
 
 
-def _resum(sums: Tensor, x: Tensor, slots: Tensor, fits: list[int], *, k_max: int) -> None:
-    """Recompute the member sums of the given fits from scratch, adding rows in order (``slots``: [F, N] global)."""
-    if fits:
-        sums.view(-1, k_max, x.shape[1])[fits] = 0
-    for f in fits:
-        sums.index_add_(0, slots[f], x)
+def member_keys(n: int, *, device: torch.device) -> Tensor:
+    """[n, 2] int64 random keys, one per row (fixed seed). A cluster's key is the sum of its members' keys (wrapping
+    int64 arithmetic, exact), so equal member sets have equal keys whatever order their sums were built in, and two
+    different member sets share a key with probability about 2^-128."""
+    generator = torch.Generator().manual_seed(0x5EED)
+    info = torch.iinfo(torch.int64)
+    return torch.randint(info.min, info.max, (n, 2), generator=generator, dtype=torch.int64).to(device)
 
 
-def _update_sums(
+def _initial_sums(x: Tensor, point_keys: Tensor, slots: Tensor, *, k_max: int) -> tuple[Tensor, Tensor]:
+    """Member sums [F * k_max, D] and keys [F * k_max, 2] of every fit's clusters (``slots``: [F, N] global slots).
+
+    Fit 0 is summed in full; fit f is fit f - 1 plus the rows whose cluster differs between the two labellings,
+    applied as a cumulative sum of per-fit deltas. The K sweep's fits start from prefixes of one center sequence, so
+    consecutive labellings differ only where the added centers won points: a few hundred rows instead of N.
+    """
+    n_fits, n = slots.shape
+    local = slots - (torch.arange(n_fits, device=slots.device) * k_max)[:, None]
+    sums = torch.zeros(n_fits * k_max, x.shape[1], dtype=x.dtype, device=x.device)
+    keys = torch.zeros(n_fits * k_max, 2, dtype=torch.int64, device=x.device)
+    sums.index_add_(0, slots[0], x)
+    keys.index_add_(0, slots[0], point_keys)
+    if n_fits > 1:
+        fit, row = (local[1:] != local[:-1]).nonzero(as_tuple=True)
+        fit = fit + 1
+        new = slots[fit, row]
+        old = fit * k_max + local[fit - 1, row]
+        _add_moves(sums, keys, x, point_keys, new, old, row)
+        sums = sums.view(n_fits, k_max, -1).cumsum(0).view(n_fits * k_max, -1)
+        keys = keys.view(n_fits, k_max, 2).cumsum(0).view(n_fits * k_max, 2)
+    return sums, keys
+
+
+def _add_moves(
+    sums: Tensor, keys: Tensor, x: Tensor, point_keys: Tensor, to: Tensor, src: Tensor, rows: Tensor
+) -> None:
+    """Move ``rows`` from clusters ``src`` to clusters ``to`` (sums and keys; the subtraction is one [slots, D]
+    difference instead of a negated copy of the moved rows)."""
+    moved, moved_keys = x[rows], point_keys[rows]
+    gone = torch.zeros_like(sums).index_add_(0, src, moved)
+    sums.index_add_(0, to, moved).sub_(gone)
+    keys.index_add_(0, to, moved_keys).sub_(torch.zeros_like(keys).index_add_(0, src, moved_keys))
+
+
+def _move_members(
     sums: Tensor,
+    keys: Tensor,
     x: Tensor,
+    point_keys: Tensor,
     old: Tensor,
     new: Tensor,
     switched: Tensor,
@@ -366,63 +405,65 @@ def _update_sums(
     *,
     k_max: int,
 ) -> None:
-    """Move the switched points between cluster sums.
-
-    A fit where many points moved is re-summed in row order (so equal member sets get bit-equal sums, which
-    :func:`distinct_products` exploits); elsewhere the moved points are subtracted and added (cheap when N is
-    large and few points move).
-    """
-    heavy = [f for f, count in enumerate(switched_per_fit) if count * 8 > x.shape[0]]
-    _resum(sums, x, new, heavy, k_max=k_max)
+    """Move the switched (fit, row) pairs from their ``old`` to their ``new`` cluster's sum and key. A fit where more
+    than a quarter of the rows switched is re-summed instead (one pass over x, no gathered copy of the rows)."""
+    heavy = [f for f, count in enumerate(switched_per_fit) if count * 4 > x.shape[0]]
     if heavy:
+        sums.view(-1, k_max, x.shape[1])[heavy] = 0
+        keys.view(-1, k_max, 2)[heavy] = 0
+        for f in heavy:
+            sums.index_add_(0, new[f], x)
+            keys.index_add_(0, new[f], point_keys)
         switched = switched.clone()
         switched[heavy] = False
     fit_idx, row_idx = switched.nonzero(as_tuple=True)
     if row_idx.numel():
-        moving = x[row_idx]
-        sums.index_add_(0, new[fit_idx, row_idx], moving)
-        sums.index_add_(0, old[fit_idx, row_idx], moving, alpha=-1)
+        _add_moves(sums, keys, x, point_keys, new[fit_idx, row_idx], old[fit_idx, row_idx], row_idx)
 
 
-def unique_rows(t: Tensor, *, probe: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Distinct rows of a 2-D tensor and the index of each input row among them, like ``torch.unique(t, dim=0,
-    return_inverse=True)`` but without its row sort: rows are grouped by a float64 random projection, and every row
-    is checked against its group's first row (any mismatch falls back to ``torch.unique``, so the result is exact).
-    The distinct rows come in order of first appearance. ``probe``: the [D] projection (default: fixed, irregular).
+def group_rows(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Groups of equal rows of a 2-D tensor: (first [U], index of the first row of each group, in order of first
+    appearance; group [L], the group of each row), so ``t[first][group]`` equals ``t``.
+
+    Like ``torch.unique(t, dim=0, return_inverse=True)`` without its row sort: rows are grouped by a float64
+    projection and every row is checked against its group's first row (a mismatch falls back to ``torch.unique``).
     """
-    if t.shape[0] == 0:
-        return t, torch.zeros(0, dtype=torch.int64, device=t.device)
-    if probe is None:
-        probe = torch.linspace(1.0, 2.0, t.shape[1], dtype=torch.float64, device=t.device).sqrt_()
-    key = t.to(torch.float64) @ probe
-    _, group = torch.unique(key, return_inverse=True)
-    first = torch.full((int(group.max()) + 1,), t.shape[0], dtype=torch.int64, device=t.device)
-    first.scatter_reduce_(0, group, torch.arange(t.shape[0], device=t.device), reduce="amin")
+    n = t.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64, device=t.device), torch.zeros(0, dtype=torch.int64, device=t.device)
+    probe = torch.linspace(1.0, 2.0, t.shape[1], dtype=torch.float64, device=t.device).sqrt_()
+    _, group = torch.unique(t.to(torch.float64) @ probe, return_inverse=True)
+    positions = torch.arange(n, device=t.device)
+    first = torch.full((int(group.max()) + 1,), n, dtype=torch.int64, device=t.device)
+    first.scatter_reduce_(0, group, positions, reduce="amin")
     if not bool((t == t[first[group]]).all()):
-        return torch.unique(t, dim=0, return_inverse=True)
-    order = torch.argsort(first)  # groups by first appearance
+        _, group = torch.unique(t, dim=0, return_inverse=True)
+        first = torch.full((int(group.max()) + 1,), n, dtype=torch.int64, device=t.device)
+        first.scatter_reduce_(0, group, positions, reduce="amin")
+    order = torch.argsort(first)  # groups in order of first appearance
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel(), device=t.device)
-    return t[first[order]], rank[group]
+    return first[order], rank[group]
 
 
-def distinct_products(left: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``left @ x.T`` with each distinct row of ``left`` computed once: (products [U, N], row of each input [L]).
+def distinct_products(sums: Tensor, keys: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``sums @ x.T`` with one product per distinct member set: (products [U, N], row of each input [L]).
 
-    The fits of a K sweep share many clusters (measured: 1,035 cluster slots of a 20..49 sweep held 156 distinct
-    member sets on planted data); equal member sets have bit-equal sums, and equal rows give equal products, so
-    ``products[row]`` is exactly ``left @ x.T``.
+    The fits of a K sweep share many clusters (measured: 1,035 cluster slots of a 20..49 sweep held about 160
+    distinct member sets on planted data). Clusters with equal keys have equal member sets; their sums may differ
+    in the last bits (built in different orders), and one of them stands for all.
     """
-    distinct, row = unique_rows(left)
-    return distinct @ x.T, row
+    first, row = group_rows(keys)
+    return sums[first] @ x.T, row
 
 
-def _batch_silhouette(x: Tensor, sums: Tensor, labels: Tensor, counts: Tensor, sq_norms: Tensor) -> Tensor:
-    """Mean silhouette of each fit of a batch from its member sums ([F * k_max, D], unused slots 0): G = S @ X.T
-    computed once per distinct (sum, size) and shared by the fits (:func:`silhouette_from_gram` with ``rows``)."""
-    key = torch.cat([sums, counts.reshape(-1, 1).to(sums.dtype)], dim=1)
-    distinct, row = unique_rows(key)
-    gram = distinct[:, :-1] @ x.T
+def _batch_silhouette(
+    x: Tensor, sums: Tensor, keys: Tensor, labels: Tensor, counts: Tensor, sq_norms: Tensor
+) -> Tensor:
+    """Mean silhouette of each fit of a batch from its member sums and keys ([F * k_max, ...], unused slots 0): G =
+    S @ X.T computed once per distinct member set and shared by the fits (:func:`silhouette_from_gram` with
+    ``rows``)."""
+    gram, row = distinct_products(sums, keys, x)
     # column blocks of EXPAND_BYTES: the expanded [slots, block] table stays small and its memory is reused
     block = max(64, EXPAND_BYTES // (x.element_size() * counts.numel()))
     return silhouette_from_gram(gram, labels, counts, sq_norms, rows=row.view(counts.shape), block_size=block)

@@ -16,9 +16,9 @@ from kernels.kmedoids import (
     fit_kmedoids,
     fit_kmedoids_batch,
     fit_kmedoids_search,
+    group_rows,
     kmedoids_pp_init,
     kmedoids_sweep,
-    unique_rows,
 )
 from tests.conftest import clustered_rows, unit_rows
 from tests.oracles import dense_distance, dense_kmedoids, dense_kpp_init
@@ -160,26 +160,29 @@ def test_medoid_bank_rows_and_assignment_through_many_moves(clip):
     assert compactions > 0
 
 
-@pytest.mark.parametrize("collide", [False, True])
-def test_unique_rows_equals_torch_unique(collide):
-    """Same distinct rows and mapping as torch.unique(dim=0), in order of first appearance; with a probe under which
-    every row collides, the check against the group's first row falls back to torch.unique."""
+def test_group_rows_equals_torch_unique():
+    """The same groups as torch.unique(dim=0), numbered in order of first appearance, for float rows (with -0.0
+    equal to 0.0) and int64 keys; rows that collide under the projection but differ fall back to torch.unique."""
     gen = torch.Generator().manual_seed(5)
     base = torch.randn(6, 4, generator=gen)
     base[2] = 0.0
-    t = base[torch.randint(6, (40,), generator=gen)]
-    t[7] = -0.0  # equal to the zero row
-    probe = torch.zeros(4, dtype=torch.float64) if collide else None
-    distinct, inverse = unique_rows(t, probe=probe)
-    assert torch.equal(distinct[inverse], t)
-    expected, _ = torch.unique(t, dim=0, return_inverse=True)
-    assert distinct.shape == expected.shape
-    assert sorted(map(tuple, distinct.tolist())) == sorted(map(tuple, expected.tolist()))
-    if not collide:
-        firsts = [int((inverse == u).nonzero()[0, 0]) for u in range(distinct.shape[0])]
-        assert firsts == sorted(firsts)
-    empty, empty_inverse = unique_rows(t[:0])
-    assert empty.shape == (0, 4) and empty_inverse.numel() == 0
+    floats = base[torch.randint(6, (40,), generator=gen)]
+    floats[7] = -0.0
+    big = torch.iinfo(torch.int64)
+    ints = torch.randint(big.min, big.max, (5, 2), generator=gen, dtype=torch.int64)[
+        torch.randint(5, (30,), generator=gen)
+    ]
+    # equal under the float64 projection, different as integers
+    near = torch.tensor([[2**62, 0], [2**62 + 1, 0], [2**62, 0]], dtype=torch.int64)
+    for t in (floats, ints, near):
+        first, group = group_rows(t)
+        assert torch.equal(t[first][group], t)
+        expected = torch.unique(t, dim=0)
+        assert first.numel() == expected.shape[0]
+        assert first.tolist() == sorted(first.tolist())  # order of first appearance
+        assert all(int((group == g).nonzero()[0, 0]) == int(first[g]) for g in range(first.numel()))
+    first, group = group_rows(floats[:0])
+    assert first.numel() == 0 and group.numel() == 0
 
 
 def test_search_strategy_equals_cached_torch_backend():
