@@ -16,8 +16,9 @@ Two strategies compute the same iteration:
 - ``cached`` (default when it fits the memory budget): many fits (the K sweep) run in lockstep so that they share
   every tensor op, and share rows: the similarities to the medoids live in a bank with one [N] row per distinct
   medoid point (:class:`MedoidBank`; a sweep's fits share most medoids), and ``G = S @ X.T`` is computed once per
-  distinct member set (:func:`distinct_products`), only for clusters whose members changed. The final sums give the
-  silhouette (:func:`kernels.silhouette.silhouette_from_gram` on the shared rows).
+  distinct member set (:func:`distinct_products`, member sets told apart by random 128-bit keys, see
+  :func:`member_keys`), only for clusters whose members changed. The final sums give the silhouette
+  (:func:`kernels.silhouette.silhouette_from_gram` on the shared rows).
 - ``search``: no [K, N] table; each iteration assigns by top-1 search through a :mod:`kernels.backends` backend
   (Faiss when asked or on GPU) and scores medoids in row blocks. For N x K too large to cache.
 
@@ -261,7 +262,7 @@ def fit_kmedoids_batch(
         # member sums S per slot (unused slots stay 0) and member-set keys, kept up to date from the points that
         # switch clusters
         point_keys = member_keys(n, device=dev)
-        sums, keys = _initial_sums(x, point_keys, slots, k_max=k_max)
+        sums, keys = _cluster_sums(x, point_keys, slots, k_max=k_max)
     is_changed = real.reshape(-1).clone()  # slots whose member set changed since their medoid was chosen
     n_iter = [max_iter] * n_fits
     converged = [False] * n_fits
@@ -305,7 +306,7 @@ def fit_kmedoids_batch(
             switched = new_slots != slots
             switched_per_fit = switched.sum(1).tolist()
             if sums is not None and keys is not None and point_keys is not None:
-                _move_members(sums, keys, x, point_keys, slots, new_slots, switched, switched_per_fit, k_max=k_max)
+                sums, keys = _move_members(sums, keys, x, point_keys, slots, new_slots, switched, k_max=k_max)
             # a cluster whose member set is unchanged keeps its medoid: same members, same sums, same argmin
             is_changed[slots[switched]] = True
             is_changed[new_slots[switched]] = True
@@ -358,12 +359,12 @@ def member_keys(n: int, *, device: torch.device) -> Tensor:
     return torch.randint(info.min, info.max, (n, 2), generator=generator, dtype=torch.int64).to(device)
 
 
-def _initial_sums(x: Tensor, point_keys: Tensor, slots: Tensor, *, k_max: int) -> tuple[Tensor, Tensor]:
+def _cluster_sums(x: Tensor, point_keys: Tensor, slots: Tensor, *, k_max: int) -> tuple[Tensor, Tensor]:
     """Member sums [F * k_max, D] and keys [F * k_max, 2] of every fit's clusters (``slots``: [F, N] global slots).
 
     Fit 0 is summed in full; fit f is fit f - 1 plus the rows whose cluster differs between the two labellings,
-    applied as a cumulative sum of per-fit deltas. The K sweep's fits start from prefixes of one center sequence, so
-    consecutive labellings differ only where the added centers won points: a few hundred rows instead of N.
+    applied as a cumulative sum of per-fit deltas. The K sweep's fits start from prefixes of one center sequence and
+    stay close, so consecutive labellings differ in a few hundred rows, not N.
     """
     n_fits, n = slots.shape
     local = slots - (torch.arange(n_fits, device=slots.device) * k_max)[:, None]
@@ -401,24 +402,25 @@ def _move_members(
     old: Tensor,
     new: Tensor,
     switched: Tensor,
-    switched_per_fit: list[int],
     *,
     k_max: int,
-) -> None:
-    """Move the switched (fit, row) pairs from their ``old`` to their ``new`` cluster's sum and key. A fit where more
-    than a quarter of the rows switched is re-summed instead (one pass over x, no gathered copy of the rows)."""
-    heavy = [f for f, count in enumerate(switched_per_fit) if count * 4 > x.shape[0]]
-    if heavy:
-        sums.view(-1, k_max, x.shape[1])[heavy] = 0
-        keys.view(-1, k_max, 2)[heavy] = 0
-        for f in heavy:
-            sums.index_add_(0, new[f], x)
-            keys.index_add_(0, new[f], point_keys)
-        switched = switched.clone()
-        switched[heavy] = False
+) -> tuple[Tensor, Tensor]:
+    """Sums and keys after the switched (fit, row) pairs moved from their ``old`` to their ``new`` cluster.
+
+    Moving the pairs costs about two row additions per pair; rebuilding every fit with :func:`_cluster_sums` costs
+    N plus the rows where consecutive fits' labellings differ. After the first iteration of a K sweep a third of
+    the rows switch in most fits while consecutive fits still differ in a few percent of rows (measured: 5,300
+    differing rows over 29 pairs of fits at 4,000 regions, against 40,000 switched pairs), so the cheaper of the two
+    is taken.
+    """
+    n_switched = int(switched.sum())
+    n_rebuild = x.shape[0] + int((new[1:] - new[:-1] != k_max).sum())  # consecutive fits' slots are k_max apart
+    if n_rebuild < 2 * n_switched:
+        return _cluster_sums(x, point_keys, new, k_max=k_max)
     fit_idx, row_idx = switched.nonzero(as_tuple=True)
     if row_idx.numel():
         _add_moves(sums, keys, x, point_keys, new[fit_idx, row_idx], old[fit_idx, row_idx], row_idx)
+    return sums, keys
 
 
 def group_rows(t: Tensor) -> tuple[Tensor, Tensor]:

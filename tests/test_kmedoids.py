@@ -13,12 +13,15 @@ from hypothesis import strategies as st
 from kernels.backends import FaissBackend, TorchBackend, faiss_available
 from kernels.kmedoids import (
     MedoidBank,
+    _cluster_sums,
+    _move_members,
     fit_kmedoids,
     fit_kmedoids_batch,
     fit_kmedoids_search,
     group_rows,
     kmedoids_pp_init,
     kmedoids_sweep,
+    member_keys,
 )
 from tests.conftest import clustered_rows, unit_rows
 from tests.oracles import dense_distance, dense_kmedoids, dense_kpp_init
@@ -158,6 +161,48 @@ def test_medoid_bank_rows_and_assignment_through_many_moves(clip):
         got = bank.similarity(slots + torch.arange(n_fits)[:, None] * k_max)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)  # products of other row sets: last-bit noise
     assert compactions > 0
+
+
+def test_member_sums_and_keys_equal_a_direct_sum():
+    """The cumulative-delta sums and both update paths (pair moves, rebuild) equal summing each cluster's members
+    directly (sums in float64 to 1e-12, keys exactly)."""
+    x = unit_rows(300, 5, seed=2)
+    gen = torch.Generator().manual_seed(1)
+    n_fits, k_max = 4, 6
+    offsets = torch.arange(n_fits)[:, None] * k_max
+    local = torch.randint(4, (1, 300), generator=gen).repeat(n_fits, 1)
+    local[1, :10] = 4  # fit 1: ten rows moved to a new cluster
+    local[2] = torch.randint(6, (300,), generator=gen)  # fit 2: a different labelling
+    local[3, 50:60] = 5
+    point_keys = member_keys(300, device=x.device)
+
+    def direct(labels):
+        sums = torch.zeros(n_fits * k_max, 5, dtype=x.dtype)
+        keys = torch.zeros(n_fits * k_max, 2, dtype=torch.int64)
+        for f in range(n_fits):
+            for c in range(k_max):
+                members = (labels[f] == c).nonzero().squeeze(1)
+                sums[f * k_max + c] = x[members].sum(0)
+                for m in members.tolist():
+                    keys[f * k_max + c] += point_keys[m]
+        return sums, keys
+
+    sums, keys = _cluster_sums(x, point_keys, local + offsets, k_max=k_max)
+    want_sums, want_keys = direct(local)
+    torch.testing.assert_close(sums, want_sums, rtol=0, atol=1e-12)
+    assert torch.equal(keys, want_keys)
+    few = local.clone()
+    few[0, :5] = 5  # a few rows switch: moved pair by pair
+    many = local.clone()
+    many[:, :200] = 5  # many rows switch in every fit, but the fits stay alike: rebuilt
+    for moved in (few, many):
+        switched = moved != local
+        got_sums, got_keys = _move_members(
+            sums.clone(), keys.clone(), x, point_keys, local + offsets, moved + offsets, switched, k_max=k_max
+        )
+        want_sums, want_keys = direct(moved)
+        torch.testing.assert_close(got_sums, want_sums, rtol=0, atol=1e-12)
+        assert torch.equal(got_keys, want_keys)
 
 
 def test_group_rows_equals_torch_unique():
