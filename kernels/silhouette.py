@@ -123,7 +123,7 @@ def silhouette_from_gram(
     shared = rows is not None
     if rows is None:
         rows = torch.arange(counts.numel(), device=gram.device).view(counts.shape)
-        gram = gram.reshape(-1, n)
+        gram = gram.reshape(counts.numel(), n)  # (n may be 0: a rank with no rows)
     size = counts.to(gram.dtype)
     # per gram row: 1 / |C|, and -inf for empty clusters so that they never give the smallest mean distance
     row_size = torch.zeros(gram.shape[0], dtype=gram.dtype, device=gram.device).scatter_(
@@ -132,7 +132,7 @@ def silhouette_from_gram(
     inv_size = torch.where(row_size > 0, 1.0 / row_size, torch.zeros_like(row_size))[:, None]
     empty_penalty = torch.where(row_size > 0, 0.0, float("-inf")).to(gram.dtype)[:, None]
     own_size = size.gather(-1, labels)  # [..., N]
-    own_g = gram.gather(0, rows.gather(-1, labels).reshape(-1, n)).view_as(own_size)
+    own_g = gram.gather(0, rows.gather(-1, labels).reshape(math.prod(labels.shape[:-1]), n)).view_as(own_size)
     a = ((own_size - own_g - (1.0 - sq_norms).to(gram.dtype)) / (own_size - 1.0)).clamp_min(0.0)
     # b = 1 - the largest G[C, i] / |C| over the other non-empty clusters: the only [clusters, N]-sized step, so
     # it alone runs in column blocks

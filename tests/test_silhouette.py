@@ -89,3 +89,12 @@ def test_property_equals_sklearn(n, d, k, seed):
         assert math.isnan(ours)
         return
     assert math.isclose(ours, silhouette_score(x.numpy(), labels.numpy(), metric="cosine"), abs_tol=1e-10)
+
+
+def test_silhouette_sum_over_no_points_is_zero():
+    """A rank of the sharded K-medoids may hold no rows: its share of the silhouette sum is 0."""
+    counts = torch.tensor([[3, 2, 0], [1, 4, 0]])
+    empty = torch.zeros(2, 3, 0, dtype=torch.float64)
+    labels = torch.zeros(2, 0, dtype=torch.int64)
+    total = silhouette_from_gram(empty, labels, counts, torch.zeros(0, dtype=torch.float64), reduce="sum")
+    assert total.tolist() == [0.0, 0.0]
