@@ -410,7 +410,7 @@ def _move_members(
     Moving the pairs costs about two row additions per pair; rebuilding every fit with :func:`_cluster_sums` costs
     N plus the rows where consecutive fits' labellings differ. After the first iteration of a K sweep a third of
     the rows switch in most fits while consecutive fits still differ in a few percent of rows (measured: 5,300
-    differing rows over 29 pairs of fits at 4,000 regions, against 40,000 switched pairs), so the cheaper of the two
+    differing rows over 29 pairs of fits at 4,000 regions, against 31,000 switched pairs), so the cheaper of the two
     is taken.
     """
     n_switched = int(switched.sum())
@@ -707,7 +707,7 @@ def kmedoids_sweep(
     if strategy == "cached":
         # as many K per batch as the budget allows, up to about TABLE_BYTES of [K, N] rows, in balanced batches:
         # the whole 20..49 sweep in one batch at 4,000 regions (measured 5-10% faster than two batches on the
-        # reference CPU), two fits per batch from about 40,000 regions up
+        # reference CPU), two fits per batch from about 60,000 regions up
         cap = max(1, min(memory_budget // max(1, per_k_bytes), max(2, TABLE_BYTES // max(1, per_k_bytes // 2))))
         n_batches = -(-len(ks) // cap)
         batch = -(-len(ks) // n_batches)
