@@ -41,7 +41,8 @@ def _launched(device: str, *, progress: bool, **bar: Any) -> Iterator[tuple[Any,
 
     init_from_env(device)
     rank, world = rank_world()
-    with tqdm(file=sys.stderr, disable=not progress or rank != 0, **bar) as pbar:
+    # delay: no empty bar for work that fails or ends within half a second
+    with tqdm(file=sys.stderr, disable=not progress or rank != 0, delay=0.5, **bar) as pbar:
         yield pbar, rank, world
 
 
