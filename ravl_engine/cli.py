@@ -115,7 +115,7 @@ def discover_cmd(
     try:
         cfg = DiscoverConfig(k=k, clip_distance=clip_distance, strategy=strategy, backend=backend, device=device)
         n_k = len(cfg.k_values(inputs[3].shape[1] if inputs[3].ndim == 2 else 2))
-        with tqdm(total=n_k, desc="K sweep", unit="K", file=sys.stderr, disable=not progress) as bar:
+        with tqdm(total=n_k, desc="K sweep", unit="K", file=sys.stderr, disable=not progress, delay=0.5) as bar:
             result = run_discover(cfg, *inputs, seed=seed, on_k=lambda _entry: bar.update(1))
     except RavlEngineError as err:
         raise click.ClickException(str(err)) from err
