@@ -366,21 +366,26 @@ def _cluster_sums(x: Tensor, point_keys: Tensor, slots: Tensor, *, k_max: int) -
     applied as a cumulative sum of per-fit deltas. The K sweep's fits start from prefixes of one center sequence and
     stay close, so consecutive labellings differ in a few hundred rows, not N.
     """
-    n_fits, n = slots.shape
-    local = slots - (torch.arange(n_fits, device=slots.device) * k_max)[:, None]
+    n_fits = slots.shape[0]
     sums = torch.zeros(n_fits * k_max, x.shape[1], dtype=x.dtype, device=x.device)
     keys = torch.zeros(n_fits * k_max, 2, dtype=torch.int64, device=x.device)
     sums.index_add_(0, slots[0], x)
     keys.index_add_(0, slots[0], point_keys)
     if n_fits > 1:
-        fit, row = (local[1:] != local[:-1]).nonzero(as_tuple=True)
+        fit, row = _differs_from_previous_fit(slots, k_max).nonzero(as_tuple=True)
         fit = fit + 1
         new = slots[fit, row]
-        old = fit * k_max + local[fit - 1, row]
+        old = slots[fit - 1, row] + k_max  # the previous fit's cluster, in fit f's block
         _add_moves(sums, keys, x, point_keys, new, old, row)
         sums = sums.view(n_fits, k_max, -1).cumsum(0).view(n_fits * k_max, -1)
         keys = keys.view(n_fits, k_max, 2).cumsum(0).view(n_fits * k_max, 2)
     return sums, keys
+
+
+def _differs_from_previous_fit(slots: Tensor, k_max: int) -> Tensor:
+    """[F - 1, N] bool: row i of fit f + 1 is in another cluster than in fit f (``slots`` are global: the same
+    cluster index of consecutive fits is k_max apart)."""
+    return slots[1:] - slots[:-1] != k_max
 
 
 def _add_moves(
@@ -414,7 +419,7 @@ def _move_members(
     is taken.
     """
     n_switched = int(switched.sum())
-    n_rebuild = x.shape[0] + int((new[1:] - new[:-1] != k_max).sum())  # consecutive fits' slots are k_max apart
+    n_rebuild = x.shape[0] + int(_differs_from_previous_fit(new, k_max).sum())
     if n_rebuild < 2 * n_switched:
         return _cluster_sums(x, point_keys, new, k_max=k_max)
     fit_idx, row_idx = switched.nonzero(as_tuple=True)
@@ -427,21 +432,23 @@ def group_rows(t: Tensor) -> tuple[Tensor, Tensor]:
     """Groups of equal rows of a 2-D tensor: (first [U], index of the first row of each group, in order of first
     appearance; group [L], the group of each row), so ``t[first][group]`` equals ``t``.
 
-    Like ``torch.unique(t, dim=0, return_inverse=True)`` without its row sort: rows are grouped by a float64
-    projection and every row is checked against its group's first row (a mismatch falls back to ``torch.unique``).
+    Like ``torch.unique(t, dim=0, return_inverse=True)`` without its row sort: rows are grouped by their first
+    column and every row is checked against its group's first row (a mismatch falls back to ``torch.unique``). For
+    member keys the first column alone already tells sets apart but for a 2^-64 chance.
     """
     n = t.shape[0]
     if n == 0:
         return torch.zeros(0, dtype=torch.int64, device=t.device), torch.zeros(0, dtype=torch.int64, device=t.device)
-    probe = torch.linspace(1.0, 2.0, t.shape[1], dtype=torch.float64, device=t.device).sqrt_()
-    _, group = torch.unique(t.to(torch.float64) @ probe, return_inverse=True)
-    positions = torch.arange(n, device=t.device)
-    first = torch.full((int(group.max()) + 1,), n, dtype=torch.int64, device=t.device)
-    first.scatter_reduce_(0, group, positions, reduce="amin")
+
+    def first_rows(group: Tensor) -> Tensor:
+        first = torch.full((int(group.max()) + 1,), n, dtype=torch.int64, device=t.device)
+        return first.scatter_reduce_(0, group, torch.arange(n, device=t.device), reduce="amin")
+
+    _, group = torch.unique(t[:, 0], return_inverse=True)
+    first = first_rows(group)
     if not bool((t == t[first[group]]).all()):
         _, group = torch.unique(t, dim=0, return_inverse=True)
-        first = torch.full((int(group.max()) + 1,), n, dtype=torch.int64, device=t.device)
-        first.scatter_reduce_(0, group, positions, reduce="amin")
+        first = first_rows(group)
     order = torch.argsort(first)  # groups in order of first appearance
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel(), device=t.device)
@@ -466,9 +473,14 @@ def _batch_silhouette(
     S @ X.T computed once per distinct member set and shared by the fits (:func:`silhouette_from_gram` with
     ``rows``)."""
     gram, row = distinct_products(sums, keys, x)
-    # column blocks of EXPAND_BYTES: the expanded [slots, block] table stays small and its memory is reused
-    block = max(64, EXPAND_BYTES // (x.element_size() * counts.numel()))
+    block = _expand_block(counts.numel(), x.element_size())
     return silhouette_from_gram(gram, labels, counts, sq_norms, rows=row.view(counts.shape), block_size=block)
+
+
+def _expand_block(n_slots: int, element_size: int) -> int:
+    """Columns per block when shared rows are expanded to one row per cluster slot: about EXPAND_BYTES, so the
+    expanded [slots, block] table stays small and its memory is reused from block to block."""
+    return max(64, EXPAND_BYTES // max(1, element_size * n_slots))
 
 
 class MedoidBank:
@@ -554,8 +566,7 @@ class MedoidBank:
         out = torch.empty(fits.numel(), n, dtype=torch.int64, device=self.x.device)
         rows = self.rows[: self.size]
         slot_row = self.slot_row.view(-1, k_max)[fits].reshape(-1)
-        # column blocks of EXPAND_BYTES: the expanded [slots, block] table stays small and its memory is reused
-        block = max(64, min(self.block_size, EXPAND_BYTES // max(1, self.rows.element_size() * slot_row.numel())))
+        block = min(self.block_size, _expand_block(slot_row.numel(), self.rows.element_size()))
         for start in range(0, n, block):
             sims = rows[:, start : start + block].index_select(0, slot_row).view(fits.numel(), k_max, -1)
             out[:, start : start + block] = sims.max(dim=1).indices

@@ -207,7 +207,7 @@ def test_member_sums_and_keys_equal_a_direct_sum():
 
 def test_group_rows_equals_torch_unique():
     """The same groups as torch.unique(dim=0), numbered in order of first appearance, for float rows (with -0.0
-    equal to 0.0) and int64 keys; rows that collide under the projection but differ fall back to torch.unique."""
+    equal to 0.0) and int64 keys; rows that share their first column but differ fall back to torch.unique."""
     gen = torch.Generator().manual_seed(5)
     base = torch.randn(6, 4, generator=gen)
     base[2] = 0.0
@@ -217,8 +217,8 @@ def test_group_rows_equals_torch_unique():
     ints = torch.randint(big.min, big.max, (5, 2), generator=gen, dtype=torch.int64)[
         torch.randint(5, (30,), generator=gen)
     ]
-    # equal under the float64 projection, different as integers
-    near = torch.tensor([[2**62, 0], [2**62 + 1, 0], [2**62, 0]], dtype=torch.int64)
+    # the same first column, different rows
+    near = torch.tensor([[2**62, 0], [2**62, 1], [2**62, 0], [5, 1]], dtype=torch.int64)
     for t in (floats, ints, near):
         first, group = group_rows(t)
         assert torch.equal(t[first][group], t)
