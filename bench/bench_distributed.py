@@ -34,8 +34,8 @@ def _rank(rank: int, world: int, port: int, folder: str, threads: int, seed: int
     import numpy as np
     import torch
     import torch.distributed as dist
+    from ravl_engine.kernels.sharded import TorchComm
 
-    from kernels.sharded import TorchComm
     from ravl_engine.config import DiscoverConfig
     from ravl_engine.discover import run_discover
 

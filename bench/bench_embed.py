@@ -21,7 +21,7 @@ import torch
 
 
 def _timed(visual, images, boxes, mode: str, device: torch.device, amp: bool) -> None:
-    from kernels.roi import region_embed
+    from ravl_engine.kernels.roi import region_embed
 
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         region_embed(visual, images, boxes, mode=mode)
@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
 
-    from kernels.roi import supported_modes, tower_kind
-    from proposers.simple import grid_boxes
+    from ravl_engine.kernels.roi import supported_modes, tower_kind
+    from ravl_engine.proposers.simple import grid_boxes
+
     from ravl_engine.models import load_clip
 
     device = torch.device(args.device)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from kernels.backends import ClusterBackend, FaissBackend, TorchBackend, get_backend
-from kernels.kmedoids import (
+from ravl_engine.kernels.backends import ClusterBackend, FaissBackend, TorchBackend, get_backend
+from ravl_engine.kernels.kmedoids import (
     KMedoidsResult,
     SweepResult,
     fit_kmedoids,
@@ -12,9 +12,9 @@ from kernels.kmedoids import (
     kmedoids_pp_init,
     kmedoids_sweep,
 )
-from kernels.scoring import ClusterScores, best_regions, rank_members, score_clusters, select_clusters
-from kernels.segment import segment_argmax, segment_argmin
-from kernels.silhouette import (
+from ravl_engine.kernels.scoring import ClusterScores, best_regions, rank_members, score_clusters, select_clusters
+from ravl_engine.kernels.segment import segment_argmax, segment_argmin
+from ravl_engine.kernels.silhouette import (
     cosine_silhouette,
     pairwise_distance_sums,
     silhouette_from_gram,

@@ -18,9 +18,10 @@ Two strategies compute the same iteration:
   medoid point (:class:`MedoidBank`; a sweep's fits share most medoids), and ``G = S @ X.T`` is computed once per
   distinct member set (:func:`distinct_products`, member sets told apart by random 128-bit keys, see
   :func:`member_keys`), only for clusters whose members changed. The final sums give the silhouette
-  (:func:`kernels.silhouette.silhouette_from_gram` on the shared rows).
-- ``search``: no [K, N] table; each iteration assigns by top-1 search through a :mod:`kernels.backends` backend
-  (Faiss when asked or on GPU) and scores medoids in row blocks. For N x K too large to cache.
+  (:func:`ravl_engine.kernels.silhouette.silhouette_from_gram` on the shared rows).
+- ``search``: no [K, N] table; each iteration assigns by top-1 search through a
+  :mod:`ravl_engine.kernels.backends` backend (Faiss when asked or on GPU) and scores medoids in row
+  blocks. For N x K too large to cache.
 
 ``clip=True`` reproduces the released code's distance ``clip(1 - x_i . x_j, 0, 1)``. The sum identity does not hold
 for the clipped distance, so that variant sums distances over blocks of pairs: O(N^2 d) time, O(block N) memory.
@@ -35,16 +36,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
-
-from kernels.backends import DEFAULT_BLOCK_SIZE, ClusterBackend, TorchBackend
-from kernels.segment import segment_argmax
-from kernels.silhouette import (
+from ravl_engine.kernels.backends import DEFAULT_BLOCK_SIZE, ClusterBackend, TorchBackend
+from ravl_engine.kernels.segment import segment_argmax
+from ravl_engine.kernels.silhouette import (
     pairwise_distance_sums,
     silhouette_from_gram,
     silhouette_from_sums,
     silhouette_is_defined,
 )
+from torch import Tensor
 
 STRATEGIES = ("auto", "cached", "search")
 TABLE_BYTES = 32 << 20  # preferred [K, N] bytes of one batch of fits of the cached strategy
@@ -638,7 +638,7 @@ def fit_kmedoids_search(
         KMedoidsResult.
     """
     # the one-process case of the sharded iteration (kernels/sharded.py builds on this module: imported here)
-    from kernels.sharded import LocalComm, Shard, sharded_fit  # noqa: PLC0415
+    from ravl_engine.kernels.sharded import LocalComm, Shard, sharded_fit  # noqa: PLC0415
 
     fit = sharded_fit(
         Shard(x=x, offset=0, total=x.shape[0]),

@@ -20,9 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from ravl_engine.kernels.segment import segment_argmax
 from torch import Tensor
-
-from kernels.segment import segment_argmax
 
 
 @dataclass(frozen=True, slots=True)

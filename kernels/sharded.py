@@ -13,8 +13,9 @@ all rows is a local computation followed by one collective:
 - silhouette and objective: all-reduced sums of the per-row terms.
 
 The functions are written once against :class:`Comm`; :class:`LocalComm` (world size 1) makes them the plain
-search-strategy K-medoids, and the results equal :func:`kernels.kmedoids.kmedoids_sweep` with ``strategy="search"``
-(tests), while :class:`TorchComm` runs the same code on a process group (gloo on CPU, NCCL on GPU).
+search-strategy K-medoids, and the results equal :func:`~ravl_engine.kernels.kmedoids.kmedoids_sweep` with
+``strategy="search"`` (tests), while :class:`TorchComm` runs the same code on a process group (gloo on CPU, NCCL on
+GPU).
 """
 
 from __future__ import annotations
@@ -26,11 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from ravl_engine.kernels.backends import DEFAULT_BLOCK_SIZE, ClusterBackend, TorchBackend
+from ravl_engine.kernels.kmedoids import _distance, _medoid_scores_blocked, squared_norms, tie_tolerance
+from ravl_engine.kernels.silhouette import silhouette_from_gram, silhouette_is_defined
 from torch import Tensor
-
-from kernels.backends import DEFAULT_BLOCK_SIZE, ClusterBackend, TorchBackend
-from kernels.kmedoids import _distance, _medoid_scores_blocked, squared_norms, tie_tolerance
-from kernels.silhouette import silhouette_from_gram, silhouette_is_defined
 
 
 class Comm(Protocol):
@@ -132,7 +132,7 @@ def sharded_pp_init(
     generator: torch.Generator,
     n_trials: int | None = None,
 ) -> Tensor:
-    """Greedy k-medoids++ seeding (as :func:`kernels.kmedoids.kmedoids_pp_init`, unclipped) over sharded rows.
+    """Greedy k-medoids++ seeding (as :func:`~ravl_engine.kernels.kmedoids.kmedoids_pp_init`, unclipped), sharded.
 
     Returns:
         [n_centers] int64 global row indices, the same on every rank.
@@ -204,7 +204,7 @@ def sharded_fit(
     sq_norms: Tensor | None = None,
 ) -> ShardedFit:
     """Alternating cosine K-medoids from global init rows ``init`` [K] (the search strategy's iteration; with
-    :class:`LocalComm` it is :func:`kernels.kmedoids.fit_kmedoids_search`). ``sq_norms``: this rank's rows'."""
+    :class:`LocalComm` it is :func:`~ravl_engine.kernels.kmedoids.fit_kmedoids_search`). ``sq_norms``: this rank's."""
     x, k = shard.x, int(init.numel())
     backend = backend or TorchBackend(block_size=block_size)
     sq_norms = squared_norms(x) if sq_norms is None else sq_norms

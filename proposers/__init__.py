@@ -2,7 +2,7 @@
 
 A proposer maps a batch of images to boxes (xyxy pixels) and scores per image::
 
-    from proposers import build_proposer, list_proposers
+    from ravl_engine.proposers import build_proposer, list_proposers
     proposer = build_proposer("grid", rows=3, cols=3)
     proposals = proposer(images)            # images: [B, 3, H, W] float in [0, 1]
     proposals[0].boxes, proposals[0].scores
@@ -14,9 +14,9 @@ group ``ravl_engine.proposers`` (``name = "package.module:factory"``).
 
 from __future__ import annotations
 
-from proposers import detectors as _detectors  # noqa: F401  (registers rpn, yolo)
-from proposers import simple as _simple  # noqa: F401  (registers quadrants, grid, manifest)
-from proposers.base import (
+from ravl_engine.proposers import detectors as _detectors  # noqa: F401  (registers rpn, yolo)
+from ravl_engine.proposers import simple as _simple  # noqa: F401  (registers quadrants, grid, manifest)
+from ravl_engine.proposers.base import (
     BoxFilter,
     Proposals,
     RegionProposer,

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from kernels.sharded import TorchComm
 from ravl_engine.config import DiscoverConfig, config_from_dict
 from ravl_engine.discover import DiscoveryResult, run_discover
 from ravl_engine.distributed import barrier, rank_world
 from ravl_engine.errors import ConfigError
+from ravl_engine.kernels.sharded import TorchComm
 from ravl_engine.report import write_report
 from ravl_engine.shards import load_run_manifest, read_run, write_json_atomic
 from ravl_engine.zeroshot import TEMPERATURE, zero_shot_probs

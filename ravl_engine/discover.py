@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kernels.backends import get_backend
-from kernels.kmedoids import kmedoids_sweep
-from kernels.scoring import ClusterScores, best_regions, rank_members, score_clusters, select_clusters
-from kernels.sharded import Comm, LocalComm, Shard, sharded_sweep
 from ravl_engine.config import DiscoverConfig
 from ravl_engine.errors import ConfigError, RavlEngineWarning
+from ravl_engine.kernels.backends import get_backend
+from ravl_engine.kernels.kmedoids import kmedoids_sweep
+from ravl_engine.kernels.scoring import ClusterScores, best_regions, rank_members, score_clusters, select_clusters
+from ravl_engine.kernels.sharded import Comm, LocalComm, Shard, sharded_sweep
 
 logger = logging.getLogger(__name__)
 
@@ -357,8 +357,8 @@ def run_discover(
 ) -> DiscoveryResult:
     """Run discovery with an explicit config. See :func:`discover` for the arguments.
 
-    With ``comm`` (a multi-process run: :class:`kernels.sharded.TorchComm`), ``region_embeddings`` is this rank's
-    contiguous share of the rows (ranks in order) and every other array is the whole run's; clustering runs the
+    With ``comm`` (a multi-process run: :class:`~ravl_engine.kernels.sharded.TorchComm`), ``region_embeddings`` is this
+    rank's contiguous share of the rows (ranks in order) and every other array is the whole run's; clustering runs the
     sharded K-medoids and every rank returns the same result. ``strategy="sharded"`` runs that code in one process.
     """
     timings: dict[str, float] = {}
@@ -478,8 +478,8 @@ def run_discover(
 def _rank_members_sharded(
     shard: Shard, local_labels: Tensor, cluster: int, medoid: Tensor, comm: Comm
 ) -> tuple[Tensor, Tensor]:
-    """:func:`kernels.scoring.rank_members` over sharded rows: local similarities, gathered in rank (= index) order,
-    then one stable sort, so ties keep the lower index as in one process."""
+    """:func:`~ravl_engine.kernels.scoring.rank_members` over sharded rows: local similarities, gathered in rank
+    (= index) order, then one stable sort, so ties keep the lower index as in one process."""
     members = (local_labels == cluster).nonzero().squeeze(1)
     sims = comm.gather(shard.x[members] @ medoid.to(shard.x.dtype))
     members = comm.gather(members + shard.offset)

@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.roi import region_embed, supported_modes, tower_kind
 from ravl_engine import __version__
 from ravl_engine.config import config_from_dict
 from ravl_engine.distributed import barrier, local_device, rank_world
 from ravl_engine.errors import ConfigError, ShardError
+from ravl_engine.kernels.roi import region_embed, supported_modes, tower_kind
 from ravl_engine.manifest import ManifestRow, read_manifest, resolve_classes
 from ravl_engine.models import DEFAULT_MODEL, load_clip
 from ravl_engine.shards import (
@@ -231,7 +231,7 @@ def run_embed(
         ConfigError: bad manifest, labels outside the classes, unknown model/proposer/mode, weights unavailable.
         ShardError: ``cfg.out`` holds a run written with other settings or another format version.
     """
-    from proposers import BoxFilter, build_proposer  # noqa: PLC0415
+    from ravl_engine.proposers import BoxFilter, build_proposer  # noqa: PLC0415
 
     t_start = time.perf_counter()
     cfg = dataclasses.replace(cfg, device=local_device(cfg.device))

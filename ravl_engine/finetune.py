@@ -15,8 +15,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kernels.loss import clip_loss
-from kernels.roi import region_embed_train
 from ravl_engine.distributed import (
     barrier,
     gather_with_grad,
@@ -27,6 +25,8 @@ from ravl_engine.distributed import (
     wrap_ddp,
 )
 from ravl_engine.errors import ConfigError
+from ravl_engine.kernels.loss import clip_loss
+from ravl_engine.kernels.roi import region_embed_train
 from ravl_engine.manifest import read_manifest, resolve_classes
 from ravl_engine.models import load_clip
 from ravl_engine.zeroshot import DEFAULT_TEMPLATES, class_text_embeddings, zero_shot_probs
@@ -39,7 +39,7 @@ class Towers(nn.Module):
 
     ``forward(images, tokens, boxes)`` -> (image embeddings [B, D], region embeddings [sum K_i, D] or None, caption
     embeddings [B, D]); with boxes the regions come from the same backbone pass as the images
-    (:func:`kernels.roi.region_embed_train`).
+    (:func:`ravl_engine.kernels.roi.region_embed_train`).
     """
 
     def __init__(self, model: Any) -> None:

@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.loss import clip_loss, pad_regions, region_aware_loss
 from ravl_engine.config import config_from_dict
 from ravl_engine.distributed import (
     barrier,
@@ -57,6 +56,7 @@ from ravl_engine.finetune import (
     schedule_defaults,
     snapshot,
 )
+from ravl_engine.kernels.loss import clip_loss, pad_regions, region_aware_loss
 from ravl_engine.manifest import ManifestRow, read_manifest
 from ravl_engine.models import LoadedModel, load_clip
 from ravl_engine.shards import read_run, sha256_file

@@ -150,8 +150,8 @@ def test_two_ranks_discover_what_one_process_does(dataset, tmp_path):
 
 def _discover_worker(rank: int, world: int, split: list[int], path: str) -> None:
     import torch
+    from ravl_engine.kernels.sharded import TorchComm
 
-    from kernels.sharded import TorchComm
     from ravl_engine.config import DiscoverConfig
     from ravl_engine.discover import run_discover
     from ravl_engine.synth import planted_embeddings
@@ -197,7 +197,8 @@ def test_two_ranks_rank_the_same_clusters_as_one_process(tmp_path, split):
 
 
 def _bad_rows_worker(rank: int, world: int, path: str) -> None:
-    from kernels.sharded import TorchComm
+    from ravl_engine.kernels.sharded import TorchComm
+
     from ravl_engine.config import DiscoverConfig
     from ravl_engine.discover import run_discover
     from ravl_engine.errors import ConfigError

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from ravl_engine.kernels.roi import region_embed, region_embed_train
 
-from kernels.roi import region_embed, region_embed_train
 from ravl_engine import ConfigError
 from ravl_engine.cli import main
 from ravl_engine.cluster import DISCOVERY_FORMAT, _audit

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ravl_engine.proposers.base
 import torch
+from ravl_engine.proposers import BoxFilter, build_proposer, finalize_boxes, list_proposers, register_proposer
 
-import proposers
-from proposers import BoxFilter, build_proposer, finalize_boxes, list_proposers, register_proposer
 from ravl_engine.data import load_mnist
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -59,8 +59,8 @@ def test_entry_point_plugins_are_found(monkeypatch):
         def load(self):
             return lambda **cfg: ("built", cfg)
 
-    monkeypatch.setattr(proposers.base, "entry_points", lambda group: [FakeEntryPoint()])
-    monkeypatch.setattr(proposers.base, "_REGISTRY", dict(proposers.base._REGISTRY))
+    monkeypatch.setattr(ravl_engine.proposers.base, "entry_points", lambda group: [FakeEntryPoint()])
+    monkeypatch.setattr(ravl_engine.proposers.base, "_REGISTRY", dict(ravl_engine.proposers.base._REGISTRY))
     assert "fake-plugin" in list_proposers()
     assert build_proposer("fake-plugin", size=3) == ("built", {"size": 3})
 

@@ -5,9 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from ravl_engine.kernels.roi import (
+    region_embed,
+    region_patch_mask,
+    resnet_head,
+    resnet_trunk,
+    supported_modes,
+    tower_kind,
+)
 from torchvision.ops import roi_align
 
-from kernels.roi import region_embed, region_patch_mask, resnet_head, resnet_trunk, supported_modes, tower_kind
 from ravl_engine.models import load_clip
 
 
@@ -129,7 +136,7 @@ def test_channels_last_resnet_gives_the_same_embeddings(images):
 
 @torch.no_grad()
 def test_attention_pool_for_one_token_equals_open_clips_pool():
-    from kernels.roi import attention_pool
+    from ravl_engine.kernels.roi import attention_pool
 
     visual = load_clip("ravl-tiny-rn", init_seed=5).model.visual.eval()
     x = torch.randn(7, visual.attnpool.k_proj.in_features, 2, 2, generator=torch.Generator().manual_seed(3))

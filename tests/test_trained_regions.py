@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from ravl_engine.kernels.loss import clip_loss
 
-from kernels.loss import clip_loss
 from ravl_engine.embed import EmbedConfig, run_embed
 from ravl_engine.finetune import train_clip
 from ravl_engine.models import load_clip
