@@ -55,7 +55,7 @@ def pytest_configure(config):
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
-MNIST_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "mnist")
+MNIST_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "mnist")  # 20 test digits per class
 
 
 def write_digit_dataset(
@@ -72,15 +72,9 @@ def write_digit_dataset(
     folder = Path(folder)
     (folder / "img").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    try:
-        from ravl_engine.data import load_mnist
+    from ravl_engine.data import load_mnist
 
-        digits, digit_labels = load_mnist(mnist_dir or MNIST_DIR)
-    except Exception:  # shared data absent: one random stroke pattern per digit class, with pixel noise
-        patterns = np.random.default_rng(12345).random((10, 28, 28)) > 0.6
-        digit_labels = np.repeat(np.arange(10), 40)
-        flips = rng.random((400, 28, 28)) < 0.05
-        digits = (patterns[digit_labels] ^ flips).astype(np.uint8) * 255
+    digits, digit_labels = load_mnist(mnist_dir or MNIST_DIR)
     quads = [[0, 0, 28, 28], [28, 0, 56, 28], [0, 28, 28, 56], [28, 28, 56, 56]]
     rows = []
     for i in range(n_images):

@@ -16,7 +16,7 @@ from ravl_engine.cli import main
 from ravl_engine.controlled import SynthConfig, cramers_v, feature_counts, run_synth
 from ravl_engine.manifest import read_manifest
 
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+MNIST = Path(__file__).resolve().parent / "assets" / "mnist"
 
 
 def test_cramers_v_and_feature_counts():
@@ -35,8 +35,6 @@ def test_cramers_v_and_feature_counts():
 
 @pytest.mark.parametrize("source", ["sklearn", "mnist"])
 def test_synth_writes_a_controlled_setting(tmp_path, source):
-    if source == "mnist" and not MNIST.exists():
-        pytest.skip("shared MNIST data not present")
     cfg = SynthConfig(
         out=str(tmp_path),
         source="sklearn" if source == "sklearn" else str(MNIST),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import ravl_engine.proposers.base
 import torch
@@ -12,18 +11,14 @@ from ravl_engine.proposers import BoxFilter, build_proposer, finalize_boxes, lis
 
 from ravl_engine.data import load_mnist
 
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+MNIST = Path(__file__).resolve().parent / "assets" / "mnist"
 
 
 @pytest.fixture(scope="module")
 def digit_images() -> torch.Tensor:
-    """Four 112 x 112 RGB images: an MNIST test digit in one quadrant, a red square in another (when present)."""
-    if MNIST.exists():
-        digits, _ = load_mnist(MNIST)
-        digits = digits[:4]
-    else:  # the suite must run without the shared data too
-        rng = np.random.default_rng(0)
-        digits = (rng.random((4, 28, 28)) > 0.7).astype(np.uint8) * 255
+    """Four 112 x 112 RGB images: an MNIST test digit in one quadrant, a red square in another."""
+    digits, _ = load_mnist(MNIST)
+    digits = digits[:4]
     images = torch.zeros(4, 3, 112, 112)
     for i, d in enumerate(digits):
         t = torch.nn.functional.interpolate(torch.as_tensor(d, dtype=torch.float32)[None, None] / 255, size=56)
