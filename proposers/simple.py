@@ -22,8 +22,9 @@ class GridProposer:
     """Every image is cut into ``rows x cols`` equal cells (score 1 each)."""
 
     def __init__(self, *, rows: int = 2, cols: int = 2, box_filter: BoxFilter | None = None) -> None:
-        if rows < 1 or cols < 1:
-            raise ValueError(f"grid needs rows >= 1 and cols >= 1, got rows={rows}, cols={cols}")
+        # options arrive from KEY=VALUE text: a non-integer must not reach the comparison below
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (rows, cols)):
+            raise ValueError(f"grid needs integer rows >= 1 and cols >= 1, got rows={rows!r}, cols={cols!r}")
         self.rows, self.cols = rows, cols
         self.box_filter = box_filter or BoxFilter()
 

@@ -6,6 +6,7 @@ click errors with a non-zero exit code.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -22,10 +23,62 @@ from ravl_engine.errors import RavlEngineError
 logger = logging.getLogger(__name__)
 
 ARRAY_KEYS = ("region_embeddings", "num_regions", "image_labels", "image_scores", "region_scores")
+# commands whose rerun picks up where an interrupted run stopped (committed shards are kept)
+RESUMABLE = frozenset({"embed"})
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+_OS_HINTS = {
+    errno.ENOSPC: "free some disk space or write elsewhere",
+    errno.EDQUOT: "free some disk space or write elsewhere",
+    errno.EACCES: "choose a location you can write to",
+    errno.EPERM: "choose a location you can write to",
+    errno.EROFS: "the file system is read-only; choose another location",
+}
 
 
 def _emit(summary: dict[str, Any]) -> None:
+    for warning in summary.get("warnings") or ():
+        click.echo(f"Warning: {warning}", err=True)
     click.echo(json.dumps(summary, indent=2, default=float))
+
+
+def error_line(err: Exception) -> str:
+    """One line for an engine error, an OS error (with the file and a fix) or undecodable text."""
+    if isinstance(err, OSError) and err.strerror:
+        where = f"{err.filename}: " if err.filename is not None else ""
+        hint = _OS_HINTS.get(err.errno or 0)
+        text = f"{where}{err.strerror}" + (f"; {hint}" if hint else "")
+    elif isinstance(err, UnicodeDecodeError):
+        text = f"an input file is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
+
+
+class _Main(click.Group):
+    """The command group; the one place where failures of any command become one line and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            resume = ctx.invoked_subcommand in RESUMABLE
+            hint = "; rerun the same command to resume where it stopped" if resume else ""
+            click.echo(f"Interrupted{hint}", err=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+        except (RavlEngineError, OSError, UnicodeDecodeError) as err:
+            raise click.ClickException(error_line(err)) from err
+
+
+def _device(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """--device checked once, before any work (an unknown name or a GPU that is not there)."""
+    from ravl_engine.distributed import check_device  # noqa: PLC0415
+
+    if value is None:
+        return None
+    try:
+        return check_device(value)
+    except RavlEngineError as err:
+        raise click.ClickException(f"--device {err}") from err  # one line, without click's usage block
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -56,7 +109,7 @@ def discovery_options(command: F) -> F:
             "--strategy", type=click.Choice(["auto", "cached", "search", "sharded"]), default="auto", show_default=True
         ),
         click.option("--backend", type=click.Choice(["auto", "torch", "faiss"]), default="auto", show_default=True),
-        click.option("--device", default=None, help="torch device (cpu, cuda, cuda:1); default cpu."),
+        click.option("--device", default=None, callback=_device, help="torch device (cpu, cuda, cuda:1); default cpu."),
         click.option("--top", default=10, show_default=True, help="Regions per cluster in the printed summary."),
         click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr."),
     ]
@@ -65,7 +118,7 @@ def discovery_options(command: F) -> F:
     return command
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", "-V", prog_name="ravl-engine")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
 def main(verbose: int) -> None:
@@ -112,18 +165,15 @@ def discover_cmd(
             inputs = [data[key] for key in ARRAY_KEYS]
     except (OSError, ValueError) as err:
         raise click.ClickException(f"{arrays}: not a readable .npz file ({err})") from err
-    try:
-        cfg = DiscoverConfig(k=k, clip_distance=clip_distance, strategy=strategy, backend=backend, device=device)
-        n_k = len(cfg.k_values(inputs[3].shape[1] if inputs[3].ndim == 2 else 2))
-        with tqdm(total=n_k, desc="K sweep", unit="K", file=sys.stderr, disable=not progress, delay=0.5) as bar:
-            result = run_discover(cfg, *inputs, seed=seed, on_k=lambda _entry: bar.update(1))
-    except RavlEngineError as err:
-        raise click.ClickException(str(err)) from err
+    cfg = DiscoverConfig(k=k, clip_distance=clip_distance, strategy=strategy, backend=backend, device=device)
+    n_k = len(cfg.k_values(inputs[3].shape[1] if inputs[3].ndim == 2 else 2))
+    with tqdm(total=n_k, desc="K sweep", unit="K", file=sys.stderr, disable=not progress, delay=0.5) as bar:
+        result = run_discover(cfg, *inputs, seed=seed, on_k=lambda _entry: bar.update(1))
     if out is not None:
+        from ravl_engine.shards import write_json_atomic  # noqa: PLC0415
+
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result.to_dict(max_regions=None), default=float))
-        tmp.replace(out)
+        write_json_atomic(out, result.to_dict(max_regions=None))
     summary = result.to_dict(max_regions=top)
     summary["out"] = str(out) if out is not None else None
     _emit(summary)
@@ -173,7 +223,7 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--templates", default=None, help="'|'-separated prompt templates, each with one {}.")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--shard-size", default=4096, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, callback=_device)
 @click.option("--num-workers", default=0, show_default=True, help="DataLoader workers for image decoding.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def embed_cmd(**opts: Any) -> None:
@@ -189,14 +239,11 @@ def embed_cmd(**opts: Any) -> None:
     fields["proposer_options"] = _parse_options(opts["proposer_options"])
     if templates:
         fields["templates"] = tuple(t for t in templates.split("|") if t)
-    try:
-        cfg = EmbedConfig.from_dict(fields)
-        total = len(read_manifest(cfg.data))
-        # under torchrun the ranks share the shards
-        with _launched(cfg.device, progress=progress, total=total, desc="embed", unit="img") as (bar, rank, world):
-            result = run_embed(cfg, on_images=bar.update)
-    except RavlEngineError as err:
-        raise click.ClickException(str(err)) from err
+    cfg = EmbedConfig.from_dict(fields)
+    total = len(read_manifest(cfg.data))
+    # under torchrun the ranks share the shards
+    with _launched(cfg.device, progress=progress, total=total, desc="embed", unit="img") as (bar, rank, world):
+        result = run_embed(cfg, on_images=bar.update)
     if rank == 0:
         _emit({**result.to_dict(), "world_size": world})
 
@@ -222,16 +269,11 @@ def cluster_cmd(
     from ravl_engine.cluster import ClusterConfig, run_cluster  # noqa: PLC0415
     from ravl_engine.config import DiscoverConfig  # noqa: PLC0415
 
-    try:
-        discover_cfg = DiscoverConfig(
-            k=k, clip_distance=clip_distance, strategy=strategy, backend=backend, device=device
-        )
-        cfg = ClusterConfig(run_dir=run_dir, out=out, seed=seed, discover=discover_cfg)
-        # under torchrun the ranks share the region embeddings
-        with _launched(device or "cpu", progress=progress, desc="K sweep", unit="K") as (bar, rank, _world):
-            result = run_cluster(cfg, on_k=lambda _entry: bar.update(1))
-    except RavlEngineError as err:
-        raise click.ClickException(str(err)) from err
+    discover_cfg = DiscoverConfig(k=k, clip_distance=clip_distance, strategy=strategy, backend=backend, device=device)
+    cfg = ClusterConfig(run_dir=run_dir, out=out, seed=seed, discover=discover_cfg)
+    # under torchrun the ranks share the region embeddings
+    with _launched(device or "cpu", progress=progress, desc="K sweep", unit="K") as (bar, rank, _world):
+        result = run_cluster(cfg, on_k=lambda _entry: bar.update(1))
     if rank != 0:
         return
     doc = result.document
@@ -283,15 +325,12 @@ def synth_cmd(**opts: Any) -> None:
     from ravl_engine.controlled import SynthConfig, run_synth  # noqa: PLC0415
 
     classes = _split_csv(opts.pop("classes"))
-    try:
-        if classes is not None:
-            try:
-                opts["classes"] = tuple(int(c) for c in classes)
-            except ValueError as err:
-                raise click.BadParameter("classes must be digits like 0,3,8", param_hint="--classes") from err
-        result = run_synth(SynthConfig(**opts))
-    except RavlEngineError as err:
-        raise click.ClickException(str(err)) from err
+    if classes is not None:
+        try:
+            opts["classes"] = tuple(int(c) for c in classes)
+        except ValueError as err:
+            raise click.BadParameter("classes must be digits like 0,3,8", param_hint="--classes") from err
+    result = run_synth(SynthConfig(**opts))
     _emit(result.to_dict())
 
 
@@ -307,24 +346,21 @@ def synth_cmd(**opts: Any) -> None:
 @click.option("--val-fraction", default=0.1, show_default=True)
 @click.option("--patience", default=2, show_default=True, help="Epochs without validation gain before stopping.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, callback=_device)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def finetune_cmd(progress: bool, **opts: Any) -> None:
     """CLIP contrastive fine-tuning with early stopping; the checkpoint loads with embed --pretrained."""
 
     from ravl_engine.finetune import FinetuneConfig, run_finetune  # noqa: PLC0415
 
-    try:
-        cfg = FinetuneConfig(**opts)
-        # under torchrun: DistributedDataParallel over the ranks
-        with _launched(cfg.device, progress=progress, total=cfg.epochs, desc="finetune", unit="epoch") as (
-            bar,
-            rank,
-            world,
-        ):
-            result = run_finetune(cfg, on_epoch=lambda _e: bar.update(1))
-    except RavlEngineError as err:
-        raise click.ClickException(str(err)) from err
+    cfg = FinetuneConfig(**opts)
+    # under torchrun: DistributedDataParallel over the ranks
+    with _launched(cfg.device, progress=progress, total=cfg.epochs, desc="finetune", unit="epoch") as (
+        bar,
+        rank,
+        world,
+    ):
+        result = run_finetune(cfg, on_epoch=lambda _e: bar.update(1))
     if rank == 0:
         _emit({**result.to_dict(), "world_size": world})
 
@@ -372,24 +408,21 @@ def finetune_cmd(progress: bool, **opts: Any) -> None:
     help="Which epoch's weights to keep.",
 )
 @click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, callback=_device)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def mitigate_cmd(progress: bool, clusters: tuple[int, ...], **opts: Any) -> None:
     """Fine-tune with RaVL's region-aware loss (or a baseline) so the discovered feature stops driving its class."""
 
     from ravl_engine.mitigate import MitigateConfig, run_mitigate  # noqa: PLC0415
 
-    try:
-        cfg = MitigateConfig(clusters=clusters or (1,), **opts)
-        # under torchrun: DistributedDataParallel over the ranks
-        with _launched(cfg.device, progress=progress, total=cfg.epochs, desc=cfg.method, unit="epoch") as (
-            bar,
-            rank,
-            world,
-        ):
-            result = run_mitigate(cfg, on_epoch=lambda _e: bar.update(1))
-    except RavlEngineError as err:
-        raise click.ClickException(str(err)) from err
+    cfg = MitigateConfig(clusters=clusters or (1,), **opts)
+    # under torchrun: DistributedDataParallel over the ranks
+    with _launched(cfg.device, progress=progress, total=cfg.epochs, desc=cfg.method, unit="epoch") as (
+        bar,
+        rank,
+        world,
+    ):
+        result = run_mitigate(cfg, on_epoch=lambda _e: bar.update(1))
     if rank == 0:
         _emit({**result.to_dict(), "world_size": world})
 
@@ -411,7 +444,7 @@ def mitigate_cmd(progress: bool, clusters: tuple[int, ...], **opts: Any) -> None
     type=click.Path(file_okay=False),
     help="Run directory for the embeddings (default: a temporary one).",
 )
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, callback=_device)
 def evaluate_cmd(
     data: str,
     pretrained: str | None,
@@ -425,19 +458,16 @@ def evaluate_cmd(
     """Image / region overall and worst-group zero-shot accuracy, validity gaps, and Precision@k of a discovery."""
     from ravl_engine.evaluate import evaluate_checkpoint  # noqa: PLC0415
 
-    try:
-        result = evaluate_checkpoint(
-            data,
-            pretrained=pretrained,
-            model=model,
-            run_dir=work,
-            discovery_path=discovery,
-            feature=feature,
-            spurious_class=spurious_class,
-            device=device,
-        )
-    except RavlEngineError as err:
-        raise click.ClickException(str(err)) from err
+    result = evaluate_checkpoint(
+        data,
+        pretrained=pretrained,
+        model=model,
+        run_dir=work,
+        discovery_path=discovery,
+        feature=feature,
+        spurious_class=spurious_class,
+        device=device,
+    )
     _emit(result.to_dict())
 
 
@@ -450,15 +480,12 @@ def evaluate_cmd(
 @click.option("--n-eval", default=1000, show_default=True)
 @click.option("--epochs", default=6, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, callback=_device)
 def demo_cmd(**opts: Any) -> None:
     """Plant a red square on one digit class, fine-tune a tiny CLIP, and let RaVL find it (offline, ~1 min on CPU)."""
     from ravl_engine.demo import DemoConfig, run_demo  # noqa: PLC0415
 
-    try:
-        summary = run_demo(DemoConfig(**opts), on_step=lambda name: click.echo(f"[demo] {name}", err=True))
-    except RavlEngineError as err:
-        raise click.ClickException(str(err)) from err
+    summary = run_demo(DemoConfig(**opts), on_step=lambda name: click.echo(f"[demo] {name}", err=True))
     found = summary["found"]
     click.echo(
         f"[demo] planted {summary['planted']['feature']!r} on class {summary['planted']['class']}; top cluster: class "

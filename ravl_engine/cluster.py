@@ -143,8 +143,11 @@ def run_cluster(cfg: ClusterConfig, *, on_k: Callable[[dict[str, Any]], None] | 
 
     Raises:
         ShardError: not a complete run directory of this format.
-        ConfigError: images without labels, too few regions for the K sweep, bad embeddings.
+        ConfigError: images without labels, too few regions for the K sweep, bad embeddings, ``OUT/discovery.json``
+            is a directory.
     """
+    if (Path(cfg.out) / DISCOVERY_NAME).is_dir():  # found before the discovery runs, not when it is written
+        raise ConfigError(f"{Path(cfg.out) / DISCOVERY_NAME} is a directory; remove it or choose another --out")
     rank, world = rank_world()
     comm = TorchComm() if world > 1 else None
     region_shards = None

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ravl_engine.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -52,6 +54,29 @@ def init_from_env(device: str = "cpu") -> bool:
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     logger.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
     return True
+
+
+def check_device(device: str) -> str:
+    """``device`` unchanged if this machine has it.
+
+    Raises:
+        ConfigError: not a torch device name, or a CUDA / MPS device this machine does not have.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"{device!r} is not a torch device; use cpu, cuda or cuda:N") from err
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{device!r}: this machine has no usable CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"{device!r}: there are only {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{device!r}: MPS is not available on this machine; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"{device!r}: ravl-engine runs on cpu, cuda or mps devices")
+    return device
 
 
 def local_device(device: str) -> str:

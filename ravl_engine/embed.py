@@ -97,6 +97,12 @@ class EmbedConfig:
             raise ConfigError(f"batch_size and shard_size must be >= 1, got {self.batch_size}, {self.shard_size}")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.score_threshold is not None and not 0.0 <= self.score_threshold <= 1.0:
+            # a threshold above 1 drops every box: proposal scores are probabilities, manifest and grid boxes score 1
+            raise ConfigError(
+                f"score_threshold (--score-threshold) must be in [0, 1], got {self.score_threshold}; proposal scores "
+                "are probabilities"
+            )
         if not self.templates or any("{}" not in t for t in self.templates):
             raise ConfigError("every prompt template needs one '{}' where the class name goes")
 
@@ -119,6 +125,7 @@ class EmbedResult:
     dropped_boxes: int
     region_mode: str
     seconds: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -354,6 +361,13 @@ def run_embed(
         manifest = load_run_manifest(run_dir) or manifest
     seconds["total"] = time.perf_counter() - t_start
     counts = manifest["counts"]
+    warnings = []
+    if counts["images"] and not counts["regions"]:
+        warnings.append(
+            f"no region was kept: all {counts['dropped_boxes']} box(es) of the {counts['images']} image(s) were "
+            "dropped; lower --score-threshold / --min-box-size or pick another --proposer"
+        )
+        logger.info("%s", warnings[-1])  # the CLI prints result.warnings on stderr
     return EmbedResult(
         run_dir=str(run_dir),
         n_images=counts["images"],
@@ -365,6 +379,7 @@ def run_embed(
         dropped_boxes=counts["dropped_boxes"],
         region_mode=mode,
         seconds=seconds,
+        warnings=warnings,
     )
 
 

@@ -184,14 +184,35 @@ def run_evaluate(
     spurious_class: str | None = None,
 ) -> EvalResult:
     """Evaluate an embedded evaluation set (a run directory) and, optionally, a discovery.json against it."""
-    run = read_run(run_dir)
-    discovery = None
-    if discovery_path is not None:
-        try:
-            discovery = json.loads(Path(discovery_path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise ConfigError(f"{discovery_path}: not a readable discovery.json ({err})") from err
-    return evaluate_run(run, feature=feature, spurious_class=spurious_class, discovery=discovery)
+    discovery = load_discovery(discovery_path) if discovery_path is not None else None
+    return evaluate_run(read_run(run_dir), feature=feature, spurious_class=spurious_class, discovery=discovery)
+
+
+def load_discovery(path: str | Path) -> dict[str, Any]:
+    """Read a ``discovery.json`` written by ``ravl-engine cluster`` and check the fields Precision@k reads.
+
+    Raises:
+        ConfigError: unreadable file, not JSON, or another document (``discover --out`` names regions by index
+            only); the message names the file.
+    """
+    fix = "pass the OUT/discovery.json that 'ravl-engine cluster' wrote"
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: not a readable discovery.json ({' '.join(str(err).split())}); {fix}") from err
+    clusters = doc.get("clusters") if isinstance(doc, dict) else None
+    if not isinstance(clusters, list):
+        raise ConfigError(f"{path}: not a discovery.json (no 'clusters' list); {fix}")
+    for i, cluster in enumerate(clusters):
+        regions = cluster.get("regions") if isinstance(cluster, dict) else None
+        if not isinstance(regions, list) or not all(
+            isinstance(r, dict) and {"image", "box"} <= r.keys() for r in regions
+        ):
+            raise ConfigError(
+                f"{path}: cluster {i + 1} has no 'regions' list of {{image, box}} entries (discover --out writes "
+                f"region indices only); {fix}"
+            )
+    return doc
 
 
 def evaluate_checkpoint(
@@ -217,6 +238,8 @@ def evaluate_checkpoint(
 
     from ravl_engine.embed import EmbedConfig, run_embed  # noqa: PLC0415
 
+    if discovery_path is not None:
+        load_discovery(discovery_path)  # before minutes of embedding, not after
     with tempfile.TemporaryDirectory() as tmp:
         target = str(run_dir) if run_dir is not None else str(Path(tmp) / "run")
         run_embed(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from ravl_engine.kernels.loss import clip_loss
 from ravl_engine.kernels.roi import region_embed_train
 from ravl_engine.manifest import read_manifest, resolve_classes
 from ravl_engine.models import load_clip
+from ravl_engine.shards import write_atomic
 from ravl_engine.zeroshot import DEFAULT_TEMPLATES, class_text_embeddings, zero_shot_probs
 
 logger = logging.getLogger(__name__)
@@ -217,6 +217,7 @@ class FinetuneResult:
     n_train: int
     n_val: int
     seconds: float
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -229,9 +230,7 @@ def snapshot(model: Any) -> dict[str, Tensor]:
 
 def save_checkpoint(path: Path, blob: dict[str, Any]) -> None:
     """torch.save to a temporary name, then rename: the file is either absent, the old one, or complete."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(blob, tmp))
 
 
 def load_images(
@@ -331,6 +330,13 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: Callable[[dict[str, float]], 
     if rank_world()[0] == 0:
         save_checkpoint(out, {"arch": cfg.model, "state_dict": best_state, "epoch": best[1], metric: best[0]})
     barrier()
+    warnings = []
+    if best[1] == 0:
+        warnings.append(
+            f"no epoch beat the starting weights on the validation split ({metric} {best[0]:.4f}), so {out} holds "
+            "the untrained weights; train longer, change --lr, or check the captions"
+        )
+        logger.info("%s", warnings[-1])  # the CLI prints result.warnings on stderr
     return FinetuneResult(
         checkpoint=str(out),
         best_epoch=best[1],
@@ -340,4 +346,5 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: Callable[[dict[str, float]], 
         n_train=int(train_idx.numel()),
         n_val=int(val_idx.numel()),
         seconds=time.perf_counter() - t0,
+        warnings=warnings,
     )

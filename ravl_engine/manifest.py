@@ -2,13 +2,16 @@
 
 Columns: ``image`` (path, relative to the manifest's folder or absolute; required), ``label`` (class name),
 ``caption``, ``split``, ``boxes`` (JSON list of [x1, y1, x2, y2] pixels) and ``region_labels`` (JSON list aligned with
-``boxes``, evaluation only). Unknown columns are ignored.
+``boxes``, evaluation only). Unknown columns are ignored. Each image is listed once (its ``image`` string is its id
+in the run directory); text manifests are UTF-8, with or without a byte-order mark.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +77,9 @@ def _parse_row(raw: dict[str, Any], *, folder: Path, where: str) -> ManifestRow:
             raise ConfigError(f"{where}: 'boxes' must be a list of [x1, y1, x2, y2] numbers") from err
         if any(len(box) != 4 for box in parsed):
             raise ConfigError(f"{where}: every box in 'boxes' needs 4 numbers [x1, y1, x2, y2]")
+        bad = next((j for j, box in enumerate(parsed) if not all(math.isfinite(v) for v in box)), None)
+        if bad is not None:
+            raise ConfigError(f"{where}: box {bad + 1} of 'boxes' is {list(parsed[bad])}; coordinates must be finite")
         boxes = tuple((b[0], b[1], b[2], b[3]) for b in parsed)
     region_raw = _json_list(raw.get("region_labels"), where=where, column="region_labels")
     region_labels = None
@@ -105,39 +111,61 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         raise ConfigError(f"{path}: unknown manifest format; use .csv, .jsonl or .parquet")
-    if kind == "csv":
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames is None or "image" not in reader.fieldnames:
-                raise ConfigError(f"{path}: missing column 'image' (found: {', '.join(reader.fieldnames or [])})")
-            return list(reader)
-    if kind == "jsonl":
-        records = []
-        with open(path, encoding="utf-8") as fh:
-            for number, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ConfigError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-                if not isinstance(record, dict):
-                    raise ConfigError(f"{path}:{number}: each line must be a JSON object")
-                records.append(record)
-        return records
+    if kind == "parquet":
+        return _read_parquet(path)
     try:
-        import pyarrow.parquet as pq  # noqa: PLC0415  (optional)
+        return _read_text_records(path, kind)
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {err.start} is {err.object[err.start : err.start + 1]!r}); "
+            "save the manifest as UTF-8"
+        ) from err
+
+
+def _read_text_records(path: Path, kind: str) -> list[dict[str, Any]]:
+    # utf-8-sig: a byte-order mark (as spreadsheet programs write it) is not part of the first column's name
+    if kind == "csv":
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None:
+                raise ConfigError(f"{path}: the file is empty; the first line must be a header with an 'image' column")
+            if "image" not in reader.fieldnames:
+                raise ConfigError(f"{path}: missing column 'image' (found: {', '.join(reader.fieldnames)})")
+            return list(reader)
+    records = []
+    with open(path, encoding="utf-8-sig") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+            if not isinstance(record, dict):
+                raise ConfigError(f"{path}:{number}: each line must be a JSON object")
+            records.append(record)
+    return records
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    try:
+        import pyarrow  # noqa: PLC0415  (optional)
+        import pyarrow.parquet as pq  # noqa: PLC0415
     except ImportError as err:
         raise ConfigError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow), or convert to CSV") from err
-    return pq.read_table(path).to_pylist()
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, OSError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"{path}: not a readable Parquet file ({first}); rewrite it or convert to CSV") from err
 
 
 def read_manifest(path: str | Path) -> list[ManifestRow]:
     """Read and validate a manifest.
 
     Raises:
-        ConfigError: missing file or ``image`` column, empty manifest, malformed ``boxes`` / ``region_labels``; the
-            message names the file and row.
+        ConfigError: missing, empty or non-UTF-8 file, no ``image`` column, an image listed twice, malformed or
+            non-finite ``boxes``, malformed ``region_labels``; the message names the file and row.
     """
     path = Path(path)
     if not path.is_file():
@@ -147,7 +175,24 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
         raise ConfigError(f"{path}: the manifest has no rows")
     if "image" not in records[0]:
         raise ConfigError(f"{path}: missing column 'image' (found: {', '.join(records[0])})")
-    return [_parse_row(r, folder=path.parent, where=f"{path} row {i + 1}") for i, r in enumerate(records)]
+    rows = [_parse_row(r, folder=path.parent, where=f"{path} row {i + 1}") for i, r in enumerate(records)]
+    _reject_duplicates(path, rows)
+    return rows
+
+
+def _reject_duplicates(path: Path, rows: Sequence[ManifestRow]) -> None:
+    """The ``image`` string is the image's id in the run directory and discovery.json, so it must be unique:
+    a repeated row would be embedded, counted and scored twice."""
+    numbers: defaultdict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        numbers[row.image].append(i + 1)
+    repeated = {image: rows_ for image, rows_ in numbers.items() if len(rows_) > 1}
+    if repeated:
+        image, where = next(iter(repeated.items()))
+        more = f" and {len(repeated) - 1} more image(s)" if len(repeated) > 1 else ""
+        raise ConfigError(
+            f"{path}: image {image!r} is listed in rows {', '.join(map(str, where))}{more}; list each image once"
+        )
 
 
 def resolve_classes(
@@ -162,7 +207,11 @@ def resolve_classes(
         file = Path(classes_file)
         if not file.is_file():
             raise ConfigError(f"classes file {file} does not exist")
-        classes = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = file.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"classes file {file} is not UTF-8 text (byte {err.start}); save it as UTF-8") from err
+        classes = [line.strip() for line in text.splitlines() if line.strip()]
     if classes is None:
         classes = sorted({r.label for r in rows if r.label is not None})
     classes = [str(c) for c in classes]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 from contextlib import contextmanager
@@ -122,6 +123,33 @@ def _checkpoint_arch(path: Path) -> str | None:
     return blob.get("arch") if isinstance(blob, dict) else None
 
 
+def _load_failure(name: str, pretrained: str | None, *, file: str | None, err: Exception) -> str:
+    """One line saying why ``name`` could not be built from ``pretrained`` (torch's own texts run to kilobytes)."""
+    text = str(err)
+    first = (text.splitlines() or [type(err).__name__])[0][:200]
+    if file is not None and isinstance(err, RuntimeError) and "loading state_dict" in text:
+        counts = []
+        for kind in ("Missing", "Unexpected"):
+            found = re.search(kind + r' key\(s\) in state_dict: ((?:"[^"]*"(?:, )?)*)', text)
+            if found:
+                n_keys = found.group(1).count('"') // 2  # each key is quoted
+                counts.append(f"{n_keys} {kind.lower()} keys")
+        if "size mismatch" in text:
+            counts.append(f"{text.count('size mismatch for')} tensors of another shape")
+        return f"{file}: its weights do not fit {name} ({', '.join(counts)}); pass the --model it was trained as"
+    if file is not None:
+        return (
+            f"{file}: not a checkpoint that can be loaded ({type(err).__name__}: {first}); pass a file written by "
+            "ravl-engine finetune / mitigate or an open_clip state dict"
+        )
+    if pretrained is None:
+        return f"could not build {name} ({type(err).__name__}: {first})"
+    return (
+        f"could not load weights for {name} from tag {pretrained!r} ({type(err).__name__}: {first}); without network "
+        "access pass a local checkpoint file, e.g. --pretrained /path/to/weights.pt"
+    )
+
+
 def load_clip(
     name: str = DEFAULT_MODEL, pretrained: str | None = None, *, device: str = "cpu", init_seed: int = 0
 ) -> LoadedModel:
@@ -169,11 +197,7 @@ def load_clip(
     except ConfigError:
         raise
     except Exception as err:
-        where = f"file {weights}" if sha else f"tag {pretrained!r}"
-        raise ConfigError(
-            f"could not load weights for {name} from {where} ({type(err).__name__}: {err}); without network "
-            "access pass a local checkpoint file, e.g. --pretrained /path/to/weights.pt"
-        ) from err
+        raise ConfigError(_load_failure(name, pretrained, file=weights if sha else None, err=err)) from err
     model.eval()
     visual = model.visual
     size = visual.image_size
