@@ -25,7 +25,7 @@ from ravl_engine import __version__
 from ravl_engine.config import config_from_dict
 from ravl_engine.distributed import barrier, local_device, rank_world
 from ravl_engine.errors import ConfigError, ShardError
-from ravl_engine.images import Placement, boxes_to_input, check_resize, fit_image, normalize, to_rgb8
+from ravl_engine.images import ImageDataset, boxes_to_input, check_resize, normalize
 from ravl_engine.kernels.roi import region_embed, supported_modes, tower_kind
 from ravl_engine.manifest import ManifestRow, read_manifest, resolve_classes
 from ravl_engine.models import DEFAULT_MODEL, load_clip
@@ -127,44 +127,6 @@ class EmbedResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True, slots=True)
-class _Decoded:
-    """One decoded image: the model input, where the original lies in it, and its size."""
-
-    index: int
-    pixels: Tensor | None  # [3, S, S] uint8 model input; None when decoding failed
-    placement: Placement | None
-    height: int = 0
-    width: int = 0
-    full: Tensor | None = None  # [3, H, W] uint8 original, only for proposers that look at the pixels
-    error: str | None = None
-
-
-class _Images(torch.utils.data.Dataset):
-    """Decodes and resizes one manifest image at a time (in the DataLoader workers), keeping uint8: the memory of a
-    batch is that of model-size images, whatever the source resolution. Failures come back as error strings."""
-
-    def __init__(self, rows: Sequence[ManifestRow], *, size: int, resize: str, keep_full: bool) -> None:
-        self.rows, self.size, self.resize, self.keep_full = rows, size, resize, keep_full
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> _Decoded:
-        from PIL import Image  # noqa: PLC0415
-
-        try:
-            with Image.open(self.rows[i].path) as img:
-                rgb = to_rgb8(img)
-                pixels, where = fit_image(rgb, self.size, self.resize)
-                full = None
-                if self.keep_full:
-                    full = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
-                return _Decoded(i, pixels, where, rgb.size[1], rgb.size[0], full)
-        except Exception as err:  # any decoding problem: skip the image, keep the run going
-            return _Decoded(i, None, None, error=f"{type(err).__name__}: {err}")
 
 
 def _settings(cfg: EmbedConfig, classes: list[str], mode: str, checkpoint_sha: str | None, data_sha: str) -> dict:
@@ -415,7 +377,7 @@ def _embed_shard(
     shard_rows = rows[spec.start : spec.stop]
     keep_full = bool(getattr(proposer, "needs_pixels", True))
     loader = torch.utils.data.DataLoader(
-        _Images(shard_rows, size=size, resize=cfg.resize, keep_full=keep_full),
+        ImageDataset([r.path for r in shard_rows], size=size, resize=cfg.resize, keep_full=keep_full),
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         collate_fn=list,

@@ -18,6 +18,7 @@ are always stored in original-image pixels.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,44 @@ def load_input(path: str | Path, size: int, mode: str) -> tuple[Tensor, Placemen
         rgb = to_rgb8(img)
         pixels, where = fit_image(rgb, size, mode)
         return pixels, where, (rgb.size[1], rgb.size[0])
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedImage:
+    """One decoded image: the model input, where the original lies in it, and its size."""
+
+    index: int
+    pixels: Tensor | None  # [3, S, S] uint8 model input; None when decoding failed
+    placement: Placement | None
+    height: int = 0
+    width: int = 0
+    full: Tensor | None = None  # [3, H, W] uint8 original, only for proposers that look at the pixels
+    error: str | None = None
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decodes and resizes one image file at a time (in the DataLoader workers), keeping uint8: the memory of a
+    batch is that of model-size images, whatever the source resolution. Failures come back as error strings."""
+
+    def __init__(self, paths: Sequence[str | Path], *, size: int, resize: str, keep_full: bool) -> None:
+        self.paths, self.size, self.resize, self.keep_full = paths, size, resize, keep_full
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> DecodedImage:
+        from PIL import Image  # noqa: PLC0415
+
+        try:
+            with Image.open(self.paths[i]) as img:
+                rgb = to_rgb8(img)
+                pixels, where = fit_image(rgb, self.size, self.resize)
+                full = None
+                if self.keep_full:
+                    full = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
+                return DecodedImage(i, pixels, where, rgb.size[1], rgb.size[0], full)
+        except Exception as err:  # any decoding problem: skip the image, keep the run going
+            return DecodedImage(i, None, None, error=f"{type(err).__name__}: {err}")
 
 
 def normalize(pixels: Tensor, mean: Tensor, std: Tensor) -> Tensor:

@@ -578,11 +578,11 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
     t0 = time.perf_counter()
     rank, world = rank_world()
     cfg = dataclasses.replace(cfg, device=local_device(cfg.device))
-    disc = read_discovery(cfg.discovery, cfg.clusters)
-    audited = (disc.audit.get("model") or {}).get("pretrained")
-    inputs = {"--pretrained": cfg.pretrained, "--region-model": cfg.region_model, "audited checkpoint": audited}
+    inputs = {"--pretrained": cfg.pretrained, "--region-model": cfg.region_model}
     check_not_input(cfg.out, {**inputs, "--train": cfg.train, "--discovery": cfg.discovery})
     check_out(cfg.out, overwrite=cfg.overwrite)
+    disc = read_discovery(cfg.discovery, cfg.clusters)
+    check_not_input(cfg.out, {"audited checkpoint": (disc.audit.get("model") or {}).get("pretrained")})
     arch = cfg.model or (disc.audit.get("model") or {}).get("name")
     if not arch:
         raise ConfigError("pass --model: discovery.json names no architecture to start from")
