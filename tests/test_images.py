@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from ravl_engine.images import (
     placement,
 )
 from ravl_engine.models import load_clip
+from ravl_engine.shards import read_run
 
 
 def test_gray16_png_is_scaled_by_its_bit_depth_not_clipped(tmp_path):
@@ -169,3 +171,46 @@ def test_a_batch_of_large_images_needs_the_memory_of_one(tmp_path):
     assert report["shapes"] == [[3, 64, 64]] * 4
     one_uint8 = side * side * 3 / 2**20  # 26 MB; the old path grew by ~4 x 130 MB for 3 more images
     assert report["four_mb"] - report["one_mb"] < one_uint8, report
+
+
+def test_decoding_in_dataloader_workers_gives_the_same_run(tmp_path):
+    data, _ = _solid_setting(tmp_path)
+    for workers in (0, 1):
+        out = tmp_path / f"w{workers}"
+        run_embed(EmbedConfig(data=str(data), out=str(out), proposer="quadrants", resize="pad", num_workers=workers))
+    a, b = read_run(tmp_path / "w0").data, read_run(tmp_path / "w1").data
+    assert np.array_equal(a.boxes, b.boxes) and a.boxes[3].tolist() == [128, 64, 256, 128]
+    assert np.allclose(a.region_emb, b.region_emb, atol=1e-5) and np.allclose(a.image_emb, b.image_emb, atol=1e-5)
+
+
+def test_mitigate_embeds_and_letterboxes_as_the_audit_did(tmp_path, monkeypatch):
+    from ravl_engine import mitigate as mitigate_module
+    from ravl_engine.cluster import _audit
+    from ravl_engine.mitigate import MitigateConfig, run_mitigate
+
+    assert _audit({"resize": "pad"})["resize"] == "pad" and _audit({})["resize"] == "squash"
+    data, _ = _solid_setting(tmp_path)
+    doc = {
+        "format": "ravl-engine-discovery/1",
+        "k": 2,
+        "classes": ["a", "b"],
+        "embedding_dim": 2,
+        "audit": {"model": {"name": "ravl-tiny-rn", "pretrained": None}, "resize": "pad"},
+        "clusters": [{"rank": 1, "cluster_id": 0, "class": "a", "gap": 1.0, "influence": 1.0, "regions": []}],
+        "medoids": [[1.0, 0.0], [0.0, 1.0]],
+    }
+    (tmp_path / "d.json").write_text(json.dumps(doc))
+    train = tmp_path / "train.csv"
+    train.write_text("image,caption\nwide.png,a photo of a\n")
+    seen = []
+
+    def stop(cfg, disc, rows, work_dir, name, path, resize):
+        seen.append(resize)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(mitigate_module, "_embed_regions", stop)
+    for given, expected in ((None, "pad"), ("squash", "squash")):
+        cfg = MitigateConfig(train=str(train), discovery=str(tmp_path / "d.json"), out=str(tmp_path / "m.pt"))
+        with pytest.raises(RuntimeError, match="stop"):
+            run_mitigate(dataclasses.replace(cfg, resize=given))
+        assert seen[-1] == expected

@@ -138,7 +138,8 @@ def test_mitigate_and_finetune_refuse_to_write_over_their_inputs_even_with_overw
 def test_every_out_is_refused_without_overwrite_and_left_untouched(tmp_path, command):
     train = tmp_path / "train.csv"
     train.write_text("image,caption\nx.png,a photo\n")
-    (tmp_path / "d.json").write_text("{}")
+    discovery = tmp_path / "d.json"
+    discovery.write_text("{}")
     arrays = tmp_path / "a.npz"
     np.savez(arrays, x=np.zeros(1))
     existing = tmp_path / "existing"
@@ -149,16 +150,15 @@ def test_every_out_is_refused_without_overwrite_and_left_untouched(tmp_path, com
         existing.write_text('{"unrelated": true}')
     args = {
         "finetune": ["finetune", "--train", str(train), "--out", str(existing)],
-        "mitigate": ["mitigate", "--train", str(train), "--discovery", str(tmp_path / "d.json"), "--out", str(existing)],
+        "mitigate": ["mitigate", "--train", str(train), "--discovery", str(discovery), "--out", str(existing)],
         "discover": ["discover", str(arrays), "--out", str(existing)],
         "demo": ["demo", "--out", str(existing)],
         "cluster": ["cluster", str(tmp_path / "run"), "--out", str(existing)],
     }[command]
     before = _tree(tmp_path)
     if command == "cluster":  # cluster reads its run directory first: give it a real one
-        from tests.conftest import write_digit_dataset
-
         from ravl_engine.embed import EmbedConfig, run_embed
+        from tests.conftest import write_digit_dataset
 
         data = write_digit_dataset(tmp_path / "digits", n_images=12)
         run_embed(EmbedConfig(data=str(data), out=str(tmp_path / "run"), proposer="manifest"))
@@ -170,10 +170,9 @@ def test_every_out_is_refused_without_overwrite_and_left_untouched(tmp_path, com
 
 
 def test_cluster_and_demo_overwrite_replace_old_results_as_a_whole(tmp_path):
-    from tests.conftest import write_digit_dataset
-
     from ravl_engine.embed import EmbedConfig, run_embed
     from ravl_engine.outputs import clear_out
+    from tests.conftest import write_digit_dataset
 
     data = write_digit_dataset(tmp_path / "digits", n_images=12)
     run_embed(EmbedConfig(data=str(data), out=str(tmp_path / "run"), proposer="manifest"))
