@@ -35,7 +35,12 @@ class Proposals:
 
 
 class RegionProposer(Protocol):
-    """Maps a batch of images to regions."""
+    """Maps a batch of images to regions.
+
+    A proposer may set a class attribute ``needs_pixels = False`` when it reads only the images' size (fixed
+    layouts, given boxes); the embedding engine then passes a zero-stride stand-in of the right shape instead of the
+    full-size image. Without the attribute it gets the decoded full-size image.
+    """
 
     def __call__(self, images: Tensor, *, boxes: Sequence[Tensor | None] | None = None) -> list[Proposals]:
         """images: [B, 3, H, W] float in [0, 1]; boxes: optional per-image boxes from the manifest."""

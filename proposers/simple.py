@@ -21,6 +21,8 @@ def grid_boxes(height: int, width: int, rows: int, cols: int) -> Tensor:
 class GridProposer:
     """Every image is cut into ``rows x cols`` equal cells (score 1 each)."""
 
+    needs_pixels = False  # reads only the image size: the engine passes no full-size pixels
+
     def __init__(self, *, rows: int = 2, cols: int = 2, box_filter: BoxFilter | None = None) -> None:
         # options arrive from KEY=VALUE text: a non-integer must not reach the comparison below
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (rows, cols)):
@@ -49,6 +51,8 @@ def build_quadrants(*, box_filter: BoxFilter | None = None) -> GridProposer:
 
 class ManifestProposer:
     """Uses the boxes listed with each image in the manifest (clipped and filtered like any proposer)."""
+
+    needs_pixels = False
 
     def __init__(self, *, box_filter: BoxFilter | None = None) -> None:
         self.box_filter = box_filter or BoxFilter()

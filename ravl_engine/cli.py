@@ -99,6 +99,18 @@ def _launched(device: str, *, progress: bool, **bar: Any) -> Iterator[tuple[Any,
         yield pbar, rank, world
 
 
+resize_option = click.option(
+    "--resize",
+    type=click.Choice(["squash", "pad"]),
+    default="squash",
+    show_default=True,
+    help="How images fit the model's square input: squash (stretch) or pad (letterbox, keeps the aspect ratio).",
+)
+overwrite_option = click.option(
+    "--overwrite", is_flag=True, help="Replace an existing --out (default: refuse); old and new outputs never mix."
+)
+
+
 def discovery_options(command: F) -> F:
     """The options shared by every command that runs discovery."""
     options = [
@@ -131,10 +143,12 @@ def main(verbose: int) -> None:
 @main.command("discover")
 @click.argument("arrays", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), help="Write the full result here.")
+@overwrite_option
 @discovery_options
 def discover_cmd(
     arrays: Path,
     out: Path | None,
+    overwrite: bool,
     seed: int,
     k: int | None,
     clip_distance: bool,
@@ -154,7 +168,11 @@ def discover_cmd(
 
     from ravl_engine.config import DiscoverConfig  # noqa: PLC0415
     from ravl_engine.discover import run_discover  # noqa: PLC0415
+    from ravl_engine.outputs import check_not_input, check_out  # noqa: PLC0415
 
+    if out is not None:
+        check_not_input(out, {"ARRAYS": arrays})
+        check_out(out, overwrite=overwrite)
     try:
         with np.load(arrays) as data:
             missing = [key for key in ARRAY_KEYS if key not in data.files]
@@ -225,6 +243,7 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--shard-size", default=4096, show_default=True)
 @click.option("--device", default="cpu", show_default=True, callback=_device)
 @click.option("--num-workers", default=0, show_default=True, help="DataLoader workers for image decoding.")
+@resize_option
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def embed_cmd(**opts: Any) -> None:
     """Embed every image and region of a manifest into a resumable run directory."""
@@ -251,10 +270,12 @@ def embed_cmd(**opts: Any) -> None:
 @main.command("cluster")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Directory for discovery.json.")
+@overwrite_option
 @discovery_options
 def cluster_cmd(
     run_dir: str,
     out: str,
+    overwrite: bool,
     seed: int,
     k: int | None,
     clip_distance: bool,
@@ -270,7 +291,7 @@ def cluster_cmd(
     from ravl_engine.config import DiscoverConfig  # noqa: PLC0415
 
     discover_cfg = DiscoverConfig(k=k, clip_distance=clip_distance, strategy=strategy, backend=backend, device=device)
-    cfg = ClusterConfig(run_dir=run_dir, out=out, seed=seed, discover=discover_cfg)
+    cfg = ClusterConfig(run_dir=run_dir, out=out, seed=seed, discover=discover_cfg, overwrite=overwrite)
     # under torchrun the ranks share the region embeddings
     with _launched(device or "cpu", progress=progress, desc="K sweep", unit="K") as (bar, rank, _world):
         result = run_cluster(cfg, on_k=lambda _entry: bar.update(1))
@@ -320,6 +341,7 @@ def cluster_cmd(
 @click.option("--grid", default=2, show_default=True, help="Cells per side.")
 @click.option("--cell", default=28, show_default=True, help="Cell size in pixels.")
 @click.option("--seed", default=0, show_default=True)
+@overwrite_option
 def synth_cmd(**opts: Any) -> None:
     """Build a controlled digit setting: train.csv (feature tied to a class) and eval.csv (independent, with boxes)."""
     from ravl_engine.controlled import SynthConfig, run_synth  # noqa: PLC0415
@@ -347,6 +369,8 @@ def synth_cmd(**opts: Any) -> None:
 @click.option("--patience", default=2, show_default=True, help="Epochs without validation gain before stopping.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, callback=_device)
+@resize_option
+@overwrite_option
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def finetune_cmd(progress: bool, **opts: Any) -> None:
     """CLIP contrastive fine-tuning with early stopping; the checkpoint loads with embed --pretrained."""
@@ -409,6 +433,13 @@ def finetune_cmd(progress: bool, **opts: Any) -> None:
 )
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, callback=_device)
+@click.option(
+    "--resize",
+    type=click.Choice(["squash", "pad"]),
+    default=None,
+    help="How images fit the model's square input: squash or pad (letterbox); default: the audit's.",
+)
+@overwrite_option
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def mitigate_cmd(progress: bool, clusters: tuple[int, ...], **opts: Any) -> None:
     """Fine-tune with RaVL's region-aware loss (or a baseline) so the discovered feature stops driving its class."""
@@ -445,6 +476,7 @@ def mitigate_cmd(progress: bool, clusters: tuple[int, ...], **opts: Any) -> None
     help="Run directory for the embeddings (default: a temporary one).",
 )
 @click.option("--device", default="cpu", show_default=True, callback=_device)
+@resize_option
 def evaluate_cmd(
     data: str,
     pretrained: str | None,
@@ -454,6 +486,7 @@ def evaluate_cmd(
     spurious_class: str | None,
     work: str | None,
     device: str,
+    resize: str,
 ) -> None:
     """Image / region overall and worst-group zero-shot accuracy, validity gaps, and Precision@k of a discovery."""
     from ravl_engine.evaluate import evaluate_checkpoint  # noqa: PLC0415
@@ -467,6 +500,7 @@ def evaluate_cmd(
         feature=feature,
         spurious_class=spurious_class,
         device=device,
+        resize=resize,
     )
     _emit(result.to_dict())
 
@@ -481,6 +515,8 @@ def evaluate_cmd(
 @click.option("--epochs", default=6, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, callback=_device)
+@resize_option
+@overwrite_option
 def demo_cmd(**opts: Any) -> None:
     """Plant a red square on one digit class, fine-tune a tiny CLIP, and let RaVL find it (offline, ~1 min on CPU)."""
     from ravl_engine.demo import DemoConfig, run_demo  # noqa: PLC0415

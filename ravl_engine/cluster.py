@@ -16,6 +16,7 @@ from ravl_engine.discover import DiscoveryResult, run_discover
 from ravl_engine.distributed import barrier, rank_world
 from ravl_engine.errors import ConfigError
 from ravl_engine.kernels.sharded import TorchComm
+from ravl_engine.outputs import check_out, staged_dir
 from ravl_engine.report import write_report
 from ravl_engine.shards import load_run_manifest, read_run, write_json_atomic
 from ravl_engine.zeroshot import TEMPERATURE, zero_shot_probs
@@ -38,6 +39,8 @@ class ClusterConfig:
         temperature: zero-shot softmax temperature (0.07).
         report: also write ``report.html`` (montages of each cluster's top regions, cut from the images).
         discover: discovery options.
+        overwrite: replace an existing non-empty ``out`` (default: refuse); the new results are written aside and
+            swapped in whole, so old and new files never mix.
     """
 
     run_dir: str
@@ -46,6 +49,7 @@ class ClusterConfig:
     temperature: float = TEMPERATURE
     report: bool = True
     discover: DiscoverConfig = field(default_factory=DiscoverConfig)
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -133,6 +137,7 @@ def _audit(manifest: Mapping[str, Any]) -> dict[str, Any]:
         "model": model,
         "proposer": manifest.get("proposer"),
         "region_mode": manifest.get("region_mode"),
+        "resize": manifest.get("resize", "squash"),
         "templates": manifest.get("templates"),
         "run_dir_data": manifest.get("data", {}).get("path"),
     }
@@ -157,6 +162,7 @@ def run_cluster(cfg: ClusterConfig, *, on_k: Callable[[dict[str, Any]], None] | 
         mine = chunks[rank]
         region_shards = range(int(mine[0]), int(mine[-1]) + 1) if mine.size else range(n_shards, n_shards)
     run = read_run(cfg.run_dir, region_shards=region_shards)
+    check_out(cfg.out, overwrite=cfg.overwrite)  # after the input checks, before the work
     data = run.data
     unlabeled = np.flatnonzero(data.labels < 0)
     if unlabeled.size:
@@ -194,10 +200,11 @@ def run_cluster(cfg: ClusterConfig, *, on_k: Callable[[dict[str, Any]], None] | 
     path = out / DISCOVERY_NAME
     report = None
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, document)
-        if cfg.report:
-            folder = Path(run.manifest.get("data", {}).get("path", ".")).parent
-            report = str(write_report(document, out / REPORT_NAME, image_folder=folder))
+        with staged_dir(out, overwrite=cfg.overwrite) as stage:
+            write_json_atomic(stage / DISCOVERY_NAME, document)
+            if cfg.report:
+                folder = Path(run.manifest.get("data", {}).get("path", ".")).parent
+                write_report(document, stage / REPORT_NAME, image_folder=folder)
+                report = str(out / REPORT_NAME)
     barrier()
     return ClusterResult(path=str(path), discovery=result, document=document, report=report)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ravl_engine.errors import ConfigError
+from ravl_engine.outputs import check_out, staged_dir
 
 SHAPES = ("square", "disk", "ring", "triangle", "stripes")
 COLORS = {
@@ -92,6 +93,8 @@ class SynthConfig:
         eval_feature_p: probability of the feature in the evaluation set (independent of the class), and in the
             fine-tuning set when ``cramers_v`` is 0.
         seed: everything is drawn from this seed.
+        overwrite: replace an existing non-empty ``out`` (default: refuse). The setting is written aside and
+            swapped in whole, so an interrupted run never leaves old and new files mixed.
     """
 
     out: str
@@ -109,6 +112,7 @@ class SynthConfig:
     eval_feature_p: float = 0.5
     seed: int = 0
     captions: tuple[str, ...] = field(default=CAPTION_TEMPLATES)
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
@@ -250,11 +254,10 @@ def run_synth(cfg: SynthConfig) -> SynthResult:
     """Write the fine-tuning and evaluation sets of one controlled setting.
 
     Raises:
-        ConfigError: bad options, an unreadable source, or a class with too few source digits for the request
-            (checked before any file is written).
+        ConfigError: bad options, an existing non-empty ``out`` without ``overwrite``, an unreadable source, or a
+            class with too few source digits for the request (checked before any file is written).
     """
-    from PIL import Image  # noqa: PLC0415
-
+    check_out(cfg.out, overwrite=cfg.overwrite)
     digits, labels = load_digits_source(cfg.source)
     rng = np.random.default_rng(cfg.seed)
     classes = list(cfg.classes)
@@ -267,10 +270,35 @@ def run_synth(cfg: SynthConfig) -> SynthResult:
     patch = feature_patch(cfg.shape, cfg.color, max(2, round(cfg.size * cfg.cell)))
     feature_name = f"{cfg.color} {cfg.shape}"
     out = Path(cfg.out)
+    with staged_dir(out, overwrite=cfg.overwrite) as stage:
+        realised = _write_sets(cfg, stage, digits, split, patch, feature_name, rng)
+    return SynthResult(
+        train_manifest=str(out / "train.csv"),
+        eval_manifest=str(out / "eval.csv"),
+        n_train=cfg.n_train,
+        n_eval=cfg.n_eval,
+        realised_cramers_v_train=realised["train"],
+        realised_cramers_v_eval=realised["eval"],
+        feature=feature_name,
+    )
+
+
+def _write_sets(
+    cfg: SynthConfig,
+    out: Path,
+    digits: np.ndarray,
+    split: dict[int, tuple[np.ndarray, np.ndarray]],
+    patch: np.ndarray,
+    feature_name: str,
+    rng: np.random.Generator,
+) -> dict[str, float]:
+    """Write both sets' images and manifests into ``out``; returns the realised Cramer's V of each."""
+    from PIL import Image  # noqa: PLC0415
+
+    classes = list(cfg.classes)
     cells = _cells(cfg)
     n_cells = cfg.grid * cfg.grid
     realised = {}
-    paths = {}
     for part, n in (("train", cfg.n_train), ("eval", cfg.n_eval)):
         y = np.array([classes[i % len(classes)] for i in range(n)])
         rng.shuffle(y)
@@ -314,16 +342,7 @@ def run_synth(cfg: SynthConfig) -> SynthResult:
             writer.writeheader()
             writer.writerows(rows)
         tmp.replace(path)
-        paths[part] = str(path)
-    return SynthResult(
-        train_manifest=paths["train"],
-        eval_manifest=paths["eval"],
-        n_train=cfg.n_train,
-        n_eval=cfg.n_eval,
-        realised_cramers_v_train=realised["train"],
-        realised_cramers_v_eval=realised["eval"],
-        feature=feature_name,
-    )
+    return realised
 
 
 def class_names(classes: Sequence[int]) -> list[str]:

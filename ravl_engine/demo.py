@@ -18,6 +18,8 @@ from ravl_engine.controlled import SynthConfig, run_synth
 from ravl_engine.embed import EmbedConfig, run_embed
 from ravl_engine.evaluate import run_evaluate
 from ravl_engine.finetune import FinetuneConfig, run_finetune
+from ravl_engine.images import check_resize
+from ravl_engine.outputs import clear_out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -25,7 +27,9 @@ class DemoConfig:
     """Options of ``ravl-engine demo`` (defaults: the measured offline setting, about a minute on 2 cores).
 
     ``pretrained`` / ``lr`` start the fine-tuning from weights instead of from scratch (the mitigation benchmark's
-    protocol); the other fields are those of ``synth`` and ``finetune``.
+    protocol); ``resize`` is that of ``finetune`` and ``embed``; the other fields are those of ``synth`` and
+    ``finetune``. ``overwrite`` replaces a non-empty ``out`` (default: refuse): the old demo's files are removed
+    first, so seeds never mix.
     """
 
     out: str = "ravl-demo"
@@ -39,11 +43,15 @@ class DemoConfig:
     lr: float | None = None
     seed: int = 0
     device: str = "cpu"
+    resize: str = "squash"
+    overwrite: bool = False
 
 
 def run_demo(cfg: DemoConfig, *, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the demo; returns a JSON-ready summary (what was found, Precision@k, validity, paths, seconds)."""
     out = Path(cfg.out)
+    check_resize(cfg.resize)
+    clear_out(out, overwrite=cfg.overwrite)
     seconds: dict[str, float] = {}
 
     def step(name: str) -> None:
@@ -74,6 +82,7 @@ def run_demo(cfg: DemoConfig, *, on_step: Callable[[str], None] | None = None) -
             patience=cfg.epochs,
             seed=cfg.seed,
             device=cfg.device,
+            resize=cfg.resize,
         )
     )
     step("embed")
@@ -84,6 +93,7 @@ def run_demo(cfg: DemoConfig, *, on_step: Callable[[str], None] | None = None) -
             pretrained=tuned.checkpoint,
             proposer="manifest",
             device=cfg.device,
+            resize=cfg.resize,
         )
     )
     step("cluster")

@@ -25,6 +25,7 @@ from ravl_engine import __version__
 from ravl_engine.config import config_from_dict
 from ravl_engine.distributed import barrier, local_device, rank_world
 from ravl_engine.errors import ConfigError, ShardError
+from ravl_engine.images import ImageDataset, boxes_to_input, check_resize, normalize
 from ravl_engine.kernels.roi import region_embed, supported_modes, tower_kind
 from ravl_engine.manifest import ManifestRow, read_manifest, resolve_classes
 from ravl_engine.models import DEFAULT_MODEL, load_clip
@@ -68,7 +69,9 @@ class EmbedConfig:
         batch_size: images per backbone pass.
         shard_size: images per shard file.
         device: torch device.
-        num_workers: DataLoader worker processes for image decoding.
+        num_workers: DataLoader worker processes for image decoding (and resizing, image by image).
+        resize: how each image fits the model's square input: "squash" (default; stretch) or "pad" (letterbox,
+            keeps the aspect ratio); never a crop. Boxes are stored in original-image pixels either way.
     """
 
     data: str
@@ -89,8 +92,10 @@ class EmbedConfig:
     shard_size: int = 4096
     device: str = "cpu"
     num_workers: int = 0
+    resize: str = "squash"
 
     def __post_init__(self) -> None:
+        check_resize(self.resize)
         if self.region_mode not in REGION_MODES:
             raise ConfigError(f"region_mode must be one of {', '.join(REGION_MODES)}, got {self.region_mode!r}")
         if self.batch_size < 1 or self.shard_size < 1:
@@ -131,26 +136,6 @@ class EmbedResult:
         return dataclasses.asdict(self)
 
 
-class _Images(torch.utils.data.Dataset):
-    """Decodes manifest images to [3, H, W] float tensors in [0, 1]; failures come back as error strings."""
-
-    def __init__(self, rows: Sequence[ManifestRow]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> tuple[int, Tensor | None, str | None]:
-        from PIL import Image  # noqa: PLC0415
-
-        try:
-            with Image.open(self.rows[i].path) as img:
-                array = np.asarray(img.convert("RGB"), dtype=np.uint8)
-        except Exception as err:  # any decoding problem: skip the image, keep the run going
-            return i, None, f"{type(err).__name__}: {err}"
-        return i, torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0), None
-
-
 def _settings(cfg: EmbedConfig, classes: list[str], mode: str, checkpoint_sha: str | None, data_sha: str) -> dict:
     """What a resumed run must share with the run that started the directory."""
     return {
@@ -164,6 +149,7 @@ def _settings(cfg: EmbedConfig, classes: list[str], mode: str, checkpoint_sha: s
             "whole_image": cfg.whole_image,
         },
         "region_mode": mode,
+        "resize": cfg.resize,
         "classes": classes,
         "templates": list(cfg.templates),
         "shard_size": cfg.shard_size,
@@ -404,8 +390,9 @@ def _embed_shard(
     """Embed the images of one shard and commit the shard file; returns its manifest entry."""
     device = torch.device(cfg.device)
     shard_rows = rows[spec.start : spec.stop]
+    keep_full = bool(getattr(proposer, "needs_pixels", True))
     loader = torch.utils.data.DataLoader(
-        _Images(shard_rows),
+        ImageDataset([r.path for r in shard_rows], size=size, resize=cfg.resize, keep_full=keep_full),
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         collate_fn=list,
@@ -425,34 +412,34 @@ def _embed_shard(
     for batch in loader:
         seconds["read"] += time.perf_counter() - t0
         ok = []
-        for i, img, err in batch:
-            row = shard_rows[i]
-            if img is None:
-                failures.append({"image": row.image, "error": str(err)})
+        for item in batch:
+            row = shard_rows[item.index]
+            if item.pixels is None:
+                failures.append({"image": row.image, "error": str(item.error)})
             else:
-                ok.append((row, img))
+                ok.append((row, item))
         if ok:
             t0 = time.perf_counter()
             proposals = []
-            for row, img in ok:  # images differ in size: propose one at a time, fixed layouts cost nothing
+            for row, item in ok:  # images differ in size: propose one at a time, fixed layouts cost nothing
                 given = [torch.tensor(row.boxes, dtype=torch.float32).reshape(-1, 4)] if row.boxes is not None else None
-                proposals.append(proposer(img[None], boxes=given)[0])
+                # fixed layouts read only the size: a zero-stride stand-in, no full-size image at all
+                image = (
+                    item.full[None].float().div_(255.0)
+                    if item.full is not None
+                    else torch.zeros(()).expand(1, 3, item.height, item.width)
+                )
+                proposals.append(proposer(image, boxes=given)[0])
             seconds["propose"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            pixels = torch.stack(
-                [
-                    F.interpolate(img[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-                    for _, img in ok
-                ]
-            )
-            pixels = ((pixels - mean) / std).to(device, non_blocking=True)
+            pixels = normalize(torch.stack([item.pixels for _, item in ok]), mean, std).to(device, non_blocking=True)
             if tower_kind(visual) == "resnet":
                 pixels = pixels.contiguous(memory_format=torch.channels_last)
-            scaled = []
-            for (_, img), prop in zip(ok, proposals, strict=True):
-                h, w = img.shape[-2:]
-                scale = torch.tensor([size / w, size / h, size / w, size / h])
-                scaled.append((prop.boxes * scale).to(device))
+            # RoIAlign sees the boxes in input pixels; the shard keeps them in original-image pixels
+            scaled = [
+                boxes_to_input(prop.boxes, item.placement.as_tensor()).to(device)
+                for (_, item), prop in zip(ok, proposals, strict=True)
+            ]
             use_amp = device.type == "cuda"
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 img_emb, reg_emb = region_embed(visual, pixels, scaled, mode=mode)

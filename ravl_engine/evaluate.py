@@ -225,6 +225,7 @@ def evaluate_checkpoint(
     feature: str | None = None,
     spurious_class: str | None = None,
     device: str = "cpu",
+    resize: str = "squash",
 ) -> EvalResult:
     """Embed an evaluation manifest (its ``boxes`` as regions) with a model and evaluate it.
 
@@ -233,6 +234,7 @@ def evaluate_checkpoint(
         pretrained, model: the model to evaluate (checkpoint file or tag, architecture).
         run_dir: where the embeddings go (kept; resumed if complete); None = a temporary directory.
         discovery_path, feature, spurious_class: as in :func:`run_evaluate`.
+        device, resize: as in ``EmbedConfig``.
     """
     import tempfile  # noqa: PLC0415
 
@@ -244,7 +246,13 @@ def evaluate_checkpoint(
         target = str(run_dir) if run_dir is not None else str(Path(tmp) / "run")
         run_embed(
             EmbedConfig(
-                data=str(data), out=target, model=model, pretrained=pretrained, proposer="manifest", device=device
+                data=str(data),
+                out=target,
+                model=model,
+                pretrained=pretrained,
+                proposer="manifest",
+                device=device,
+                resize=resize,
             )
         )
         return run_evaluate(target, discovery_path=discovery_path, feature=feature, spurious_class=spurious_class)

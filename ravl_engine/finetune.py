@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -24,10 +23,12 @@ from ravl_engine.distributed import (
     wrap_ddp,
 )
 from ravl_engine.errors import ConfigError
+from ravl_engine.images import check_resize, load_input, normalize
 from ravl_engine.kernels.loss import clip_loss
 from ravl_engine.kernels.roi import region_embed_train
 from ravl_engine.manifest import read_manifest, resolve_classes
 from ravl_engine.models import load_clip
+from ravl_engine.outputs import check_not_input, check_out
 from ravl_engine.shards import write_atomic
 from ravl_engine.zeroshot import DEFAULT_TEMPLATES, class_text_embeddings, zero_shot_probs
 
@@ -179,6 +180,9 @@ class FinetuneConfig:
         patience: stop after this many epochs without improvement on the validation split.
         templates: zero-shot templates for the validation accuracy.
         seed, device: as everywhere.
+        resize: how images fit the model input, "squash" (default) or "pad" (letterbox); see ``EmbedConfig``.
+        overwrite: replace an existing ``out`` (default: refuse). ``out`` may never be the starting checkpoint or
+            the manifest.
     """
 
     train: str
@@ -195,8 +199,11 @@ class FinetuneConfig:
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     seed: int = 0
     device: str = "cpu"
+    resize: str = "squash"
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
+        check_resize(self.resize)
         if self.epochs < 1 or self.batch_size < 2:
             raise ConfigError(f"need epochs >= 1 and batch_size >= 2, got {self.epochs}, {self.batch_size}")
         if not 0 < self.val_fraction < 1:
@@ -234,36 +241,35 @@ def save_checkpoint(path: Path, blob: dict[str, Any]) -> None:
 
 
 def load_images(
-    paths: Sequence[Path], *, size: int, mean: Sequence[float], std: Sequence[float]
+    paths: Sequence[Path], *, size: int, mean: Sequence[float], std: Sequence[float], resize: str = "squash"
 ) -> tuple[Tensor, Tensor]:
-    """Decode, resize (no crop) and normalise images.
+    """Decode, fit to the model input (``resize``: "squash" or "pad", never a crop) and normalise images, one at a
+    time in uint8 (ravl_engine/images.py), so memory does not grow with the source resolution.
 
     Returns:
-        (images [N, 3, size, size] float32, original sizes [N, 2] int64 as (width, height) pixels).
+        (images [N, 3, size, size] float32, placements [N, 4] float64 (scale_x, scale_y, offset_x, offset_y) mapping
+        original-image pixels into the input).
 
     Raises:
         ConfigError: an image cannot be read (names the file).
     """
-    from PIL import Image  # noqa: PLC0415
-
-    out = torch.empty(len(paths), 3, size, size)
-    sizes = torch.empty(len(paths), 2, dtype=torch.int64)
+    pixels = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    placements = torch.empty(len(paths), 4, dtype=torch.float64)
     for i, path in enumerate(paths):
         try:
-            with Image.open(path) as img:
-                array = np.array(img.convert("RGB"), dtype=np.uint8)
+            pixels[i], where, _ = load_input(path, size, resize)
         except Exception as err:
             raise ConfigError(f"{path}: cannot read the image ({type(err).__name__}: {err})") from err
-        sizes[i, 0], sizes[i, 1] = array.shape[1], array.shape[0]
-        t = torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)[None]
-        out[i] = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", antialias=True)[0]
-    return (out - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1), sizes
+        placements[i] = where.as_tensor()
+    return normalize(pixels, torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)), placements
 
 
 def run_finetune(cfg: FinetuneConfig, *, on_epoch: Callable[[dict[str, float]], None] | None = None) -> FinetuneResult:
     """Fine-tune a CLIP model on a captioned manifest with early stopping; write the best checkpoint atomically."""
     t0 = time.perf_counter()
     cfg = dataclasses.replace(cfg, device=local_device(cfg.device))
+    check_not_input(cfg.out, {"--pretrained": cfg.pretrained, "--train": cfg.train})
+    check_out(cfg.out, overwrite=cfg.overwrite)
     rows = read_manifest(cfg.train)
     missing = [i for i, r in enumerate(rows) if r.caption is None]
     if missing:
@@ -272,7 +278,9 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: Callable[[dict[str, float]], 
     classes = resolve_classes(rows) if labelled else []
     loaded = load_clip(cfg.model, cfg.pretrained, device=cfg.device, init_seed=cfg.seed)
     lr, freeze_text = schedule_defaults(cfg.pretrained, cfg.lr, cfg.freeze_text)
-    images, _ = load_images([r.path for r in rows], size=loaded.image_size, mean=loaded.mean, std=loaded.std)
+    images, _ = load_images(
+        [r.path for r in rows], size=loaded.image_size, mean=loaded.mean, std=loaded.std, resize=cfg.resize
+    )
     val_idx, train_idx = holdout_split(len(rows), cfg.val_fraction, cfg.seed, source=cfg.train)
     captions = [rows[i].caption or "" for i in train_idx.tolist()]
     model = loaded.model

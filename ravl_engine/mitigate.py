@@ -56,9 +56,11 @@ from ravl_engine.finetune import (
     schedule_defaults,
     snapshot,
 )
+from ravl_engine.images import boxes_to_input, check_resize
 from ravl_engine.kernels.loss import clip_loss, pad_regions, region_aware_loss
 from ravl_engine.manifest import ManifestRow, read_manifest
 from ravl_engine.models import LoadedModel, load_clip
+from ravl_engine.outputs import check_not_input, check_out
 from ravl_engine.shards import read_run, sha256_file
 from ravl_engine.zeroshot import DEFAULT_TEMPLATES, TEMPERATURE
 
@@ -102,6 +104,10 @@ class MitigateConfig:
             predicts the class, so "accuracy" tends to favour an epoch before the model leans on it.
         templates: class prompt templates (default: the audit's).
         seed, device: as everywhere.
+        resize: how images fit the model input, "squash" or "pad" (letterbox); None (default) = the audit's, else
+            squash.
+        overwrite: replace an existing ``out`` (default: refuse). ``out`` may never be an input: the starting
+            weights, the audited checkpoint, the manifest or discovery.json.
     """
 
     train: str
@@ -130,8 +136,12 @@ class MitigateConfig:
     templates: tuple[str, ...] | None = None
     seed: int = 0
     device: str = "cpu"
+    resize: str | None = None
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
+        if self.resize is not None:
+            check_resize(self.resize)
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not 0 <= self.clip_weight <= 1:
@@ -310,7 +320,13 @@ class _TrainSet:
 
 
 def _embed_regions(
-    cfg: MitigateConfig, disc: _Discovery, rows: Sequence[ManifestRow], work_dir: str, name: str, path: str | None
+    cfg: MitigateConfig,
+    disc: _Discovery,
+    rows: Sequence[ManifestRow],
+    work_dir: str,
+    name: str,
+    path: str | None,
+    resize: str,
 ) -> None:
     """Propose and embed the fine-tuning images with the audited model, as the audit did (resumable run dir)."""
     from ravl_engine.embed import EmbedConfig, run_embed  # noqa: PLC0415
@@ -331,6 +347,7 @@ def _embed_regions(
         score_threshold=proposer.get("score_threshold"),
         whole_image=bool(proposer.get("whole_image", False)),
         region_mode=audit.get("region_mode") or "auto",
+        resize=resize,
         classes=tuple(disc.classes),
         templates=tuple(audit.get("templates") or DEFAULT_TEMPLATES),
         device=cfg.device,
@@ -357,7 +374,8 @@ def _prepare(
         raise ConfigError(f"{cfg.train}: row {missing[0] + 1} has no caption; mitigation needs a 'caption' column")
     name, path = _audited_model(disc, cfg.region_model)
     work_dir = cfg.work_dir or cfg.out + ".regions"
-    _embed_regions(cfg, disc, rows, work_dir, name, path)
+    resize = cfg.resize or disc.audit.get("resize") or "squash"
+    _embed_regions(cfg, disc, rows, work_dir, name, path, resize)
     run = read_run(work_dir)
     data = run.data
     if data.region_emb.shape[1] != disc.medoids.shape[1]:
@@ -382,11 +400,10 @@ def _prepare(
             f"{cfg.method!r} needs class mentions (or use --method standard)"
         )
     paths = [r.path for r in kept]
-    images, sizes = load_images(paths, size=size, mean=mean, std=std)
-    scale = (size / sizes.double()).repeat(1, 2).float()  # [N, 4]: x, y, x, y
+    images, placements = load_images(paths, size=size, mean=mean, std=std, resize=resize)
     counts = torch.from_numpy(data.num_regions.astype(np.int64))
     owner = torch.repeat_interleave(torch.arange(len(kept)), counts)
-    boxes = torch.from_numpy(data.boxes) * scale[owner]
+    boxes = boxes_to_input(torch.from_numpy(data.boxes), placements[owner])  # stored in original pixels
     present = torch.zeros(len(kept), dtype=torch.bool).index_put_((owner[spurious],), torch.tensor(True))
     lab = torch.from_numpy(labels)
     c = len(disc.classes)
@@ -561,7 +578,11 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
     t0 = time.perf_counter()
     rank, world = rank_world()
     cfg = dataclasses.replace(cfg, device=local_device(cfg.device))
+    inputs = {"--pretrained": cfg.pretrained, "--region-model": cfg.region_model}
+    check_not_input(cfg.out, {**inputs, "--train": cfg.train, "--discovery": cfg.discovery})
+    check_out(cfg.out, overwrite=cfg.overwrite)
     disc = read_discovery(cfg.discovery, cfg.clusters)
+    check_not_input(cfg.out, {"audited checkpoint": (disc.audit.get("model") or {}).get("pretrained")})
     arch = cfg.model or (disc.audit.get("model") or {}).get("name")
     if not arch:
         raise ConfigError("pass --model: discovery.json names no architecture to start from")
