@@ -264,8 +264,9 @@ def test_full_disk_while_writing_discovery_leaves_no_tmp(tmp_path, run_dir, monk
     monkeypatch.setattr(Path, "write_text", half_then_full)
     out = tmp_path / "found"
     res = invoke("cluster", run_dir, "--out", out, "--k", "2", "--no-progress")
-    one_error_line(res, str(out / "discovery.json.tmp"), "free some disk space")
+    one_error_line(res, "discovery.json.tmp: No space left on device", "free some disk space")
     assert not (out / "discovery.json").exists() and _no_tmp_left(out)
+    assert not [p.name for p in tmp_path.iterdir() if "staging" in p.name]  # the staged output is cleared too
 
 
 def test_atomic_write_onto_a_directory_leaves_no_tmp(tmp_path):
