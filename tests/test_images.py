@@ -78,12 +78,13 @@ def test_placement_golden_boxes_map_into_the_letterbox_and_back_exactly():
 
 def _solid_setting(tmp_path, color=(200, 100, 50)):
     Image.new("RGB", (256, 128), color).save(tmp_path / "wide.png")
+    Image.new("RGB", (256, 128), color).save(tmp_path / "wide2.png")  # a manifest lists each image once
     boxes = [[0, 0, 256, 128], [128, 64, 256, 128], [10.5, 20.25, 30, 44]]
     with open(tmp_path / "m.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["image", "label", "boxes"])
         writer.writeheader()
         writer.writerow({"image": "wide.png", "label": "a", "boxes": json.dumps(boxes)})
-        writer.writerow({"image": "wide.png", "label": "b", "boxes": json.dumps(boxes)})
+        writer.writerow({"image": "wide2.png", "label": "b", "boxes": json.dumps(boxes)})
     return tmp_path / "m.csv", boxes
 
 
