@@ -574,7 +574,7 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
     templates = cfg.templates or tuple(disc.audit.get("templates") or DEFAULT_TEMPLATES)
     class_tokens = tokenizer([t.format(name) for name in disc.classes for t in templates]).to(cfg.device)
     caption_tokens = tokenizer(ts.captions)
-    lr, freeze_text = schedule_defaults(cfg.pretrained, cfg.lr, cfg.freeze_text)
+    lr, freeze_text = schedule_defaults(loaded.weights, cfg.lr, cfg.freeze_text)
     val_idx, train_idx = holdout_split(ts.images.shape[0], cfg.val_fraction, cfg.seed, source=cfg.train)
     n_val = int(val_idx.numel())
     val_labelled = val_idx[ts.labels[val_idx] >= 0]
@@ -660,7 +660,7 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
     # written once, at the end: an interrupted run leaves no checkpoint that looks finished
     if rank == 0:
         save_checkpoint(
-            out, {"arch": arch, "state_dict": best_state, "epoch": best[1], metric: best[0], "method": cfg.method}
+            out, {"arch": loaded.name, "state_dict": best_state, "epoch": best[1], metric: best[0], "method": cfg.method}
         )
     barrier()
     group_rows = []
