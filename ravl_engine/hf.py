@@ -270,6 +270,9 @@ def _processor_parts(transformers: Any, path: Path) -> tuple[Any, tuple[float, .
 
 def _hf_weights(transformers: Any, path: Path) -> dict[str, Tensor]:
     """The state dict of the folder's ``CLIPModel``, refusing folders whose weights miss part of the model."""
+    hf_logging = transformers.utils.logging
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the library never prints: no "Loading weights" bar on stderr
     try:
         hf_model, info = transformers.CLIPModel.from_pretrained(str(path), output_loading_info=True)
     except Exception as err:
@@ -277,6 +280,9 @@ def _hf_weights(transformers: Any, path: Path) -> dict[str, Tensor]:
             f"{path}: could not read the CLIPModel weights ({type(err).__name__}: {str(err).splitlines()[0]}); "
             "save the model again with CLIPModel.save_pretrained"
         ) from err
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
     if missing:
         raise ConfigError(
@@ -312,9 +318,6 @@ def load_hf_clip(name: str, pretrained: str | None = None, *, device: str = "cpu
     transformers = _transformers()
     canonical, path = resolve(name)
     _check_model_type(path, _read_model_type(path))
-    config = transformers.CLIPConfig.from_pretrained(str(path))
-    cfg = open_clip_config(config, where=str(path))
-    tokenizer, mean, std = _processor_parts(transformers, path)
     sha = None
     if pretrained is not None:
         ckpt = Path(pretrained)
@@ -327,6 +330,15 @@ def load_hf_clip(name: str, pretrained: str | None = None, *, device: str = "cpu
         if arch is not None and arch != canonical:
             raise ConfigError(f"{ckpt} was trained as {arch!r}, not {canonical!r}; pass --model {arch}")
         sha = sha256_file(ckpt)
+    config = transformers.CLIPConfig.from_pretrained(str(path))
+    cfg = open_clip_config(config, where=str(path))
+    tokenizer, mean, std = _processor_parts(transformers, path)
+    eos = cfg["text_cfg"].get("eos_id")
+    if eos is not None and eos != tokenizer.eos_token_id:  # transformers would pool the first token, silently
+        raise ConfigError(
+            f"{path}/config.json: text_config eos_token_id {eos} is not the tokenizer's end-of-text token "
+            f"{tokenizer.eos_token_id}; set eos_token_id to {tokenizer.eos_token_id} in config.json"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         model = open_clip.model.CLIP(**cfg)

@@ -566,6 +566,7 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
     if not arch:
         raise ConfigError("pass --model: discovery.json names no architecture to start from")
     loaded: LoadedModel = load_clip(arch, cfg.pretrained, device=cfg.device, init_seed=cfg.seed)
+    arch = loaded.name  # canonical: an hf: folder is recorded by its absolute path
     ts = _prepare(cfg, disc, loaded.image_size, loaded.mean, loaded.std)
     t_prep = time.perf_counter() - t0
 
@@ -660,7 +661,7 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
     # written once, at the end: an interrupted run leaves no checkpoint that looks finished
     if rank == 0:
         save_checkpoint(
-            out, {"arch": loaded.name, "state_dict": best_state, "epoch": best[1], metric: best[0], "method": cfg.method}
+            out, {"arch": arch, "state_dict": best_state, "epoch": best[1], metric: best[0], "method": cfg.method}
         )
     barrier()
     group_rows = []

@@ -136,7 +136,8 @@ def load_clip(
 
     Args:
         name: open_clip architecture ("RN50", "ViT-B-32", ...), a shipped tiny config ("ravl-tiny-rn",
-            "ravl-tiny-vit"), or ``hf:`` + a transformers CLIP folder or hub id (see :func:`ravl_engine.hf.load_hf_clip`).
+            "ravl-tiny-vit"), or ``hf:`` + a transformers CLIP folder or hub id
+            (:func:`ravl_engine.hf.load_hf_clip`).
         pretrained: None (random init), an open_clip pretrained tag ("openai", "laion2b_s34b_b79k", ...) or a local
             checkpoint file. A ravl-engine checkpoint records its architecture and must match ``name``.
         device: torch device.
