@@ -18,6 +18,7 @@ from ravl_engine.controlled import SynthConfig, run_synth
 from ravl_engine.embed import EmbedConfig, run_embed
 from ravl_engine.evaluate import run_evaluate
 from ravl_engine.finetune import FinetuneConfig, run_finetune
+from ravl_engine.models import DEFAULT_MODEL
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -25,7 +26,8 @@ class DemoConfig:
     """Options of ``ravl-engine demo`` (defaults: the measured offline setting, about a minute on 2 cores).
 
     ``pretrained`` / ``lr`` start the fine-tuning from weights instead of from scratch (the mitigation benchmark's
-    protocol); the other fields are those of ``synth`` and ``finetune``.
+    protocol), ``model`` is any ``--model`` value (``hf:`` folders included); the other fields are those of ``synth``
+    and ``finetune``.
     """
 
     out: str = "ravl-demo"
@@ -35,6 +37,7 @@ class DemoConfig:
     n_train: int = 3000
     n_eval: int = 1000
     epochs: int = 6
+    model: str = DEFAULT_MODEL
     pretrained: str | None = None
     lr: float | None = None
     seed: int = 0
@@ -68,6 +71,7 @@ def run_demo(cfg: DemoConfig, *, on_step: Callable[[str], None] | None = None) -
         FinetuneConfig(
             train=synth.train_manifest,
             out=str(out / "model.pt"),
+            model=cfg.model,
             pretrained=cfg.pretrained,
             lr=cfg.lr,
             epochs=cfg.epochs,
@@ -81,6 +85,7 @@ def run_demo(cfg: DemoConfig, *, on_step: Callable[[str], None] | None = None) -
         EmbedConfig(
             data=synth.eval_manifest,
             out=str(out / "run"),
+            model=cfg.model,
             pretrained=tuned.checkpoint,
             proposer="manifest",
             device=cfg.device,

@@ -294,3 +294,15 @@ def test_hub_id_offline_and_missing_transformers_fail_with_the_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import fails as if the extra were not installed
     with pytest.raises(BackendError, match=r"pip install 'ravl-engine\[hf\]'"):
         load_clip("hf:nobody-here/no-such-clip")
+
+
+@pytest.mark.slow
+def test_reduced_demo_on_an_hf_model(hf_folder, tmp_path):
+    args = ["demo", "--out", str(tmp_path / "demo"), "--model", f"hf:{hf_folder}", "--n-train", "300"]
+    res = CliRunner().invoke(main, [*args, "--n-eval", "100", "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["config"]["model"] == f"hf:{hf_folder}"
+    manifest = json.loads((tmp_path / "demo" / "run" / "manifest.json").read_text())
+    assert manifest["model"]["name"] == f"hf:{hf_folder}" and manifest["model"]["checkpoint_sha256"]
+    assert torch.load(tmp_path / "demo" / "model.pt", weights_only=True)["arch"] == f"hf:{hf_folder.resolve()}"
