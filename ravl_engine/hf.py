@@ -19,12 +19,15 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from ravl_engine.errors import BackendError, ConfigError
+
+if TYPE_CHECKING:
+    from ravl_engine.models import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +295,7 @@ def _hf_weights(transformers: Any, path: Path) -> dict[str, Tensor]:
     return hf_model.state_dict()
 
 
-def load_hf_clip(name: str, pretrained: str | None = None, *, device: str = "cpu", init_seed: int = 0) -> Any:
+def load_hf_clip(name: str, pretrained: str | None = None, *, device: str = "cpu", init_seed: int = 0) -> LoadedModel:
     """Load ``hf:PATH_OR_ID`` as an open_clip model (:func:`ravl_engine.models.load_clip` delegates here).
 
     Args:
@@ -312,7 +315,7 @@ def load_hf_clip(name: str, pretrained: str | None = None, *, device: str = "cpu
     """
     import open_clip  # noqa: PLC0415
 
-    from ravl_engine.models import LoadedModel, _checkpoint_arch  # noqa: PLC0415
+    from ravl_engine.models import _checkpoint_arch, loaded_model  # noqa: PLC0415
     from ravl_engine.shards import sha256_file  # noqa: PLC0415
 
     transformers = _transformers()
@@ -353,18 +356,15 @@ def load_hf_clip(name: str, pretrained: str | None = None, *, device: str = "cpu
             f"{source}: the weights do not fit the open_clip model built from {path}/config.json "
             f"({str(err).splitlines()[0]}); save the CLIPModel again, or pass the model the checkpoint was trained as"
         ) from err
-    model.to(device).eval()
+    model.to(device)
     size = int(cfg["vision_cfg"]["image_size"])
     model.visual.image_mean, model.visual.image_std = mean, std
     logger.info("converted %s into open_clip (%d px, context %d)", path, size, cfg["text_cfg"]["context_length"])
-    return LoadedModel(
-        model=model,
+    return loaded_model(
+        model,
         preprocess=open_clip.image_transform(size, is_train=False, mean=mean, std=std),
         tokenizer=HFTokenizer(tokenizer, int(cfg["text_cfg"]["context_length"])),
         name=canonical,
         pretrained=pretrained,
-        checkpoint_sha256=sha,
-        image_size=size,
-        mean=mean,  # type: ignore[arg-type]
-        std=std,  # type: ignore[arg-type]
+        sha=sha,
     )

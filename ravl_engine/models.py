@@ -184,6 +184,18 @@ def load_clip(
             f"could not load weights for {name} from {where} ({type(err).__name__}: {err}); without network "
             "access pass a local checkpoint file, e.g. --pretrained /path/to/weights.pt"
         ) from err
+    return loaded_model(
+        model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name), name=name, pretrained=pretrained, sha=sha
+    )
+
+
+def loaded_model(
+    model: Any, *, preprocess: Any, tokenizer: Any, name: str, pretrained: str | None, sha: str | None
+) -> LoadedModel:
+    """The :class:`LoadedModel` of an open_clip model, put in eval mode; input size and normalisation are read from
+    its visual tower (``image_mean`` / ``image_std``, OpenAI's constants when unset)."""
+    import open_clip  # noqa: PLC0415
+
     model.eval()
     visual = model.visual
     size = visual.image_size
@@ -193,7 +205,7 @@ def load_clip(
     return LoadedModel(
         model=model,
         preprocess=preprocess,
-        tokenizer=open_clip.get_tokenizer(name),
+        tokenizer=tokenizer,
         name=name,
         pretrained=pretrained,
         checkpoint_sha256=sha,
