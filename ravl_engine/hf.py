@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +80,10 @@ def _transformers() -> Any:
     return transformers
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [""])[0]
+
+
 def resolve(name: str) -> tuple[str, Path]:
     """(canonical name, local folder) of ``hf:PATH_OR_ID``.
 
@@ -101,7 +104,7 @@ def resolve(name: str) -> tuple[str, Path]:
         if not path.is_dir():
             raise ConfigError(f"--model {name}: {path} is a file; pass the folder written by save_pretrained")
         return HF_PREFIX + str(path.resolve()), path
-    if source.startswith((".", "/", "~")) or source.count("/") > 1 or os.sep != "/" and os.sep in source:
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise ConfigError(f"--model {name}: folder {path} does not exist")
     try:
         from huggingface_hub import snapshot_download  # noqa: PLC0415
@@ -110,7 +113,7 @@ def resolve(name: str) -> tuple[str, Path]:
             folder = snapshot_download(source, allow_patterns=list(HUB_FILES))
     except Exception as err:
         raise ConfigError(
-            f"could not fetch {source!r} from the Hugging Face hub ({type(err).__name__}: {str(err).splitlines()[0]});"
+            f"could not fetch {source!r} from the Hugging Face hub ({type(err).__name__}: {_first_line(err)});"
             " without network access pass a local folder written by CLIPModel.save_pretrained (with its processor),"
             " e.g. --model hf:/path/to/clip-folder"
         ) from err
@@ -280,7 +283,7 @@ def _hf_weights(transformers: Any, path: Path) -> dict[str, Tensor]:
         hf_model, info = transformers.CLIPModel.from_pretrained(str(path), output_loading_info=True)
     except Exception as err:
         raise ConfigError(
-            f"{path}: could not read the CLIPModel weights ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            f"{path}: could not read the CLIPModel weights ({type(err).__name__}: {_first_line(err)}); "
             "save the model again with CLIPModel.save_pretrained"
         ) from err
     finally:
@@ -354,7 +357,7 @@ def load_hf_clip(name: str, pretrained: str | None = None, *, device: str = "cpu
         source = pretrained or str(path)
         raise ConfigError(
             f"{source}: the weights do not fit the open_clip model built from {path}/config.json "
-            f"({str(err).splitlines()[0]}); save the CLIPModel again, or pass the model the checkpoint was trained as"
+            f"({_first_line(err)}); save the CLIPModel again, or pass the model the checkpoint was trained as"
         ) from err
     model.to(device)
     size = int(cfg["vision_cfg"]["image_size"])
