@@ -513,6 +513,8 @@ def evaluate_cmd(
 @click.option("--n-train", default=3000, show_default=True)
 @click.option("--n-eval", default=1000, show_default=True)
 @click.option("--epochs", default=6, show_default=True)
+@click.option("--model", default="ravl-tiny-rn", show_default=True, help="Any --model value, hf:PATH_OR_ID included.")
+@click.option("--pretrained", default=None, help="Fine-tune from this tag or checkpoint (default: from scratch).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, callback=_device)
 @resize_option

@@ -19,6 +19,7 @@ from ravl_engine.embed import EmbedConfig, run_embed
 from ravl_engine.evaluate import run_evaluate
 from ravl_engine.finetune import FinetuneConfig, run_finetune
 from ravl_engine.images import check_resize
+from ravl_engine.models import DEFAULT_MODEL
 from ravl_engine.outputs import clear_out
 
 
@@ -27,9 +28,9 @@ class DemoConfig:
     """Options of ``ravl-engine demo`` (defaults: the measured offline setting, about a minute on 2 cores).
 
     ``pretrained`` / ``lr`` start the fine-tuning from weights instead of from scratch (the mitigation benchmark's
-    protocol); ``resize`` is that of ``finetune`` and ``embed``; the other fields are those of ``synth`` and
-    ``finetune``. ``overwrite`` replaces a non-empty ``out`` (default: refuse): the old demo's files are removed
-    first, so seeds never mix.
+    protocol); ``model`` is any ``--model`` value (``hf:`` folders included); ``resize`` is that of ``finetune``
+    and ``embed``; the other fields are those of ``synth`` and ``finetune``. ``overwrite`` replaces a non-empty
+    ``out`` (default: refuse): the old demo's files are removed first, so seeds never mix.
     """
 
     out: str = "ravl-demo"
@@ -39,6 +40,7 @@ class DemoConfig:
     n_train: int = 3000
     n_eval: int = 1000
     epochs: int = 6
+    model: str = DEFAULT_MODEL
     pretrained: str | None = None
     lr: float | None = None
     seed: int = 0
@@ -76,6 +78,7 @@ def run_demo(cfg: DemoConfig, *, on_step: Callable[[str], None] | None = None) -
         FinetuneConfig(
             train=synth.train_manifest,
             out=str(out / "model.pt"),
+            model=cfg.model,
             pretrained=cfg.pretrained,
             lr=cfg.lr,
             epochs=cfg.epochs,
@@ -90,6 +93,7 @@ def run_demo(cfg: DemoConfig, *, on_step: Callable[[str], None] | None = None) -
         EmbedConfig(
             data=synth.eval_manifest,
             out=str(out / "run"),
+            model=cfg.model,
             pretrained=tuned.checkpoint,
             proposer="manifest",
             device=cfg.device,

@@ -277,7 +277,7 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: Callable[[dict[str, float]], 
     labelled = all(r.label is not None for r in rows)
     classes = resolve_classes(rows) if labelled else []
     loaded = load_clip(cfg.model, cfg.pretrained, device=cfg.device, init_seed=cfg.seed)
-    lr, freeze_text = schedule_defaults(cfg.pretrained, cfg.lr, cfg.freeze_text)
+    lr, freeze_text = schedule_defaults(loaded.weights, cfg.lr, cfg.freeze_text)
     images, _ = load_images(
         [r.path for r in rows], size=loaded.image_size, mean=loaded.mean, std=loaded.std, resize=cfg.resize
     )
@@ -336,7 +336,7 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: Callable[[dict[str, float]], 
                 break
     # written once, at the end: an interrupted run leaves no checkpoint that looks finished
     if rank_world()[0] == 0:
-        save_checkpoint(out, {"arch": cfg.model, "state_dict": best_state, "epoch": best[1], metric: best[0]})
+        save_checkpoint(out, {"arch": loaded.name, "state_dict": best_state, "epoch": best[1], metric: best[0]})
     barrier()
     warnings = []
     if best[1] == 0:

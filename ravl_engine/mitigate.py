@@ -587,6 +587,7 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
     if not arch:
         raise ConfigError("pass --model: discovery.json names no architecture to start from")
     loaded: LoadedModel = load_clip(arch, cfg.pretrained, device=cfg.device, init_seed=cfg.seed)
+    arch = loaded.name  # canonical: an hf: folder is recorded by its absolute path
     ts = _prepare(cfg, disc, loaded.image_size, loaded.mean, loaded.std)
     t_prep = time.perf_counter() - t0
 
@@ -595,7 +596,7 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
     templates = cfg.templates or tuple(disc.audit.get("templates") or DEFAULT_TEMPLATES)
     class_tokens = tokenizer([t.format(name) for name in disc.classes for t in templates]).to(cfg.device)
     caption_tokens = tokenizer(ts.captions)
-    lr, freeze_text = schedule_defaults(cfg.pretrained, cfg.lr, cfg.freeze_text)
+    lr, freeze_text = schedule_defaults(loaded.weights, cfg.lr, cfg.freeze_text)
     val_idx, train_idx = holdout_split(ts.images.shape[0], cfg.val_fraction, cfg.seed, source=cfg.train)
     n_val = int(val_idx.numel())
     val_labelled = val_idx[ts.labels[val_idx] >= 0]

@@ -3,7 +3,8 @@
 ``load_clip("ravl-tiny-rn")`` builds the default tiny ResNet CLIP (random init, trains on a CPU in minutes);
 ``load_clip("RN50", pretrained="openai")`` fetches open_clip weights (needs the network once);
 ``load_clip("RN50", pretrained="/path/to/weights.pt")`` loads a local file. With no network a tag fails within
-seconds with a message that says how to pass a local file.
+seconds with a message that says how to pass a local file. ``load_clip("hf:/path/to/folder")`` converts a Hugging
+Face transformers CLIP folder into the matching open_clip model (:mod:`ravl_engine.hf`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from urllib.parse import urlparse
 import torch
 
 from ravl_engine.errors import ConfigError
+from ravl_engine.hf import is_hf, load_hf_clip
 from ravl_engine.shards import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -71,6 +73,11 @@ class LoadedModel:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+
+    @property
+    def weights(self) -> str | None:
+        """Where the weights came from: the checkpoint or tag, the ``hf:`` folder, or None (random init)."""
+        return self.pretrained if self.pretrained is not None or not is_hf(self.name) else self.name
 
 
 def _host_resolves(url: str, timeout: float) -> bool:
@@ -156,8 +163,9 @@ def load_clip(
     """Build an open_clip model.
 
     Args:
-        name: open_clip architecture ("RN50", "ViT-B-32", ...) or a shipped tiny config ("ravl-tiny-rn",
-            "ravl-tiny-vit").
+        name: open_clip architecture ("RN50", "ViT-B-32", ...), a shipped tiny config ("ravl-tiny-rn",
+            "ravl-tiny-vit"), or ``hf:`` + a transformers CLIP folder or hub id
+            (:func:`ravl_engine.hf.load_hf_clip`).
         pretrained: None (random init), an open_clip pretrained tag ("openai", "laion2b_s34b_b79k", ...) or a local
             checkpoint file. A ravl-engine checkpoint records its architecture and must match ``name``.
         device: torch device.
@@ -171,13 +179,15 @@ def load_clip(
         ConfigError: unknown architecture, unreadable file, architecture mismatch, or weights that could not be
             fetched (the message says how to pass a local file).
     """
+    if is_hf(name):  # converted into open_clip; transformers is imported there, as an optional extra
+        return load_hf_clip(name, pretrained, device=device, init_seed=init_seed)
     import open_clip  # noqa: PLC0415
 
     register_configs()
     if name not in open_clip.list_models():
         raise ConfigError(
-            f"unknown model {name!r}; use an open_clip architecture (open_clip.list_models()) or one of "
-            f"{', '.join(TINY_MODELS)}"
+            f"unknown model {name!r}; use an open_clip architecture (open_clip.list_models()), one of "
+            f"{', '.join(TINY_MODELS)}, or hf:PATH_OR_ID for a transformers CLIP folder"
         )
     sha = None
     weights: str | None = pretrained
@@ -198,6 +208,18 @@ def load_clip(
         raise
     except Exception as err:
         raise ConfigError(_load_failure(name, pretrained, file=weights if sha else None, err=err)) from err
+    return loaded_model(
+        model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name), name=name, pretrained=pretrained, sha=sha
+    )
+
+
+def loaded_model(
+    model: Any, *, preprocess: Any, tokenizer: Any, name: str, pretrained: str | None, sha: str | None
+) -> LoadedModel:
+    """The :class:`LoadedModel` of an open_clip model, put in eval mode; input size and normalisation are read from
+    its visual tower (``image_mean`` / ``image_std``, OpenAI's constants when unset)."""
+    import open_clip  # noqa: PLC0415
+
     model.eval()
     visual = model.visual
     size = visual.image_size
@@ -207,7 +229,7 @@ def load_clip(
     return LoadedModel(
         model=model,
         preprocess=preprocess,
-        tokenizer=open_clip.get_tokenizer(name),
+        tokenizer=tokenizer,
         name=name,
         pretrained=pretrained,
         checkpoint_sha256=sha,
