@@ -17,6 +17,7 @@ from ravl_engine.distributed import barrier, rank_world
 from ravl_engine.errors import ConfigError
 from ravl_engine.kernels.sharded import TorchComm
 from ravl_engine.report import write_report
+from ravl_engine.runlock import check_not_being_written, directory_lock
 from ravl_engine.shards import load_run_manifest, read_run, write_json_atomic
 from ravl_engine.zeroshot import TEMPERATURE, zero_shot_probs
 
@@ -142,9 +143,11 @@ def run_cluster(cfg: ClusterConfig, *, on_k: Callable[[dict[str, Any]], None] | 
     """Discover spurious region clusters in a run directory and write ``OUT/discovery.json``.
 
     Raises:
-        ShardError: not a complete run directory of this format.
+        ShardError: not a complete run directory of this format, a run directory that embed is still writing, or
+            an ``OUT`` that another cluster is writing.
         ConfigError: images without labels, too few regions for the K sweep, bad embeddings.
     """
+    check_not_being_written(cfg.run_dir)
     rank, world = rank_world()
     comm = TorchComm() if world > 1 else None
     region_shards = None
@@ -190,11 +193,11 @@ def run_cluster(cfg: ClusterConfig, *, on_k: Callable[[dict[str, Any]], None] | 
     out = Path(cfg.out)
     path = out / DISCOVERY_NAME
     report = None
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, document)
-        if cfg.report:
-            folder = Path(run.manifest.get("data", {}).get("path", ".")).parent
-            report = str(write_report(document, out / REPORT_NAME, image_folder=folder))
+    with directory_lock(out, command="cluster"):  # one writer of OUT (its files share temporary names)
+        if rank == 0:
+            write_json_atomic(path, document)
+            if cfg.report:
+                folder = Path(run.manifest.get("data", {}).get("path", ".")).parent
+                report = str(write_report(document, out / REPORT_NAME, image_folder=folder))
     barrier()
     return ClusterResult(path=str(path), discovery=result, document=document, report=report)
