@@ -26,7 +26,7 @@ LOCK_NAME = ".lock"
 
 def _holder(path: Path) -> str:
     try:
-        pid = path.read_text(encoding="utf-8").strip()
+        pid = path.read_text(encoding="utf-8", errors="replace").strip()
     except OSError:
         pid = ""
     return f"pid {pid}" if pid else "unknown pid"
