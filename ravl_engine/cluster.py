@@ -18,6 +18,7 @@ from ravl_engine.errors import ConfigError
 from ravl_engine.kernels.sharded import TorchComm
 from ravl_engine.outputs import check_out, staged_dir
 from ravl_engine.report import write_report
+from ravl_engine.runlock import check_not_being_written, directory_lock
 from ravl_engine.shards import load_run_manifest, read_run, write_json_atomic
 from ravl_engine.zeroshot import TEMPERATURE, zero_shot_probs
 
@@ -147,10 +148,12 @@ def run_cluster(cfg: ClusterConfig, *, on_k: Callable[[dict[str, Any]], None] | 
     """Discover spurious region clusters in a run directory and write ``OUT/discovery.json``.
 
     Raises:
-        ShardError: not a complete run directory of this format.
+        ShardError: not a complete run directory of this format, a run directory that embed is still writing, or
+            an ``OUT`` that another cluster is writing.
         ConfigError: images without labels, too few regions for the K sweep, bad embeddings, ``OUT/discovery.json``
             is a directory.
     """
+    check_not_being_written(cfg.run_dir)
     if (Path(cfg.out) / DISCOVERY_NAME).is_dir():  # found before the discovery runs, not when it is written
         raise ConfigError(f"{Path(cfg.out) / DISCOVERY_NAME} is a directory; remove it or choose another --out")
     rank, world = rank_world()
@@ -199,12 +202,14 @@ def run_cluster(cfg: ClusterConfig, *, on_k: Callable[[dict[str, Any]], None] | 
     out = Path(cfg.out)
     path = out / DISCOVERY_NAME
     report = None
-    if rank == 0:
-        with staged_dir(out, overwrite=cfg.overwrite) as stage:
-            write_json_atomic(stage / DISCOVERY_NAME, document)
-            if cfg.report:
-                folder = Path(run.manifest.get("data", {}).get("path", ".")).parent
-                write_report(document, stage / REPORT_NAME, image_folder=folder)
-                report = str(out / REPORT_NAME)
+    # one writer of OUT: the lock (OUT/.lock) covers its staging folder until the finished folder is swapped in
+    with directory_lock(out, command="cluster"):
+        if rank == 0:
+            with staged_dir(out, overwrite=cfg.overwrite) as stage:
+                write_json_atomic(stage / DISCOVERY_NAME, document)
+                if cfg.report:
+                    folder = Path(run.manifest.get("data", {}).get("path", ".")).parent
+                    write_report(document, stage / REPORT_NAME, image_folder=folder)
+                    report = str(out / REPORT_NAME)
     barrier()
     return ClusterResult(path=str(path), discovery=result, document=document, report=report)

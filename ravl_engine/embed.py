@@ -29,6 +29,7 @@ from ravl_engine.images import ImageDataset, boxes_to_input, check_resize, norma
 from ravl_engine.kernels.roi import region_embed, supported_modes, tower_kind
 from ravl_engine.manifest import ManifestRow, read_manifest, resolve_classes
 from ravl_engine.models import DEFAULT_MODEL, load_clip
+from ravl_engine.runlock import directory_lock
 from ravl_engine.shards import (
     FAILURES_NAME,
     FORMAT_VERSION,
@@ -165,6 +166,9 @@ def _check_compatible(run_dir: Path, existing: dict, settings: dict) -> None:
                     f"{run_dir} was embedded from another manifest (sha256 differs); use a new --out directory"
                 )
             continue
+        if key == "model" and value["checkpoint_sha256"] is not None:
+            # a checkpoint file is the same model under any path spelling: compare contents, not path strings
+            value = {**value, "pretrained": existing.get(key, {}).get("pretrained")}
         if json.loads(json.dumps(existing.get(key))) != json.loads(json.dumps(value)):
             raise ShardError(
                 f"{run_dir} was written with {key} = {json.dumps(existing.get(key))}, not {json.dumps(value)}; "
@@ -260,14 +264,60 @@ def run_embed(
         raise ConfigError(f"region mode {mode!r} is not supported by {cfg.model}; use one of {', '.join(modes)}")
     settings = _settings(cfg, classes, mode, loaded.checkpoint_sha256, sha256_file(cfg.data))
     if existing is not None:
-        _check_compatible(run_dir, existing, settings)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        _check_compatible(run_dir, existing, settings)  # fail before taking the lock; checked again under it
+    with directory_lock(run_dir, command="embed"):
+        return _write_run(
+            cfg,
+            run_dir,
+            rows=rows,
+            classes=classes,
+            loaded=loaded,
+            proposer=proposer,
+            mode=mode,
+            settings=settings,
+            seconds=seconds,
+            t_start=t_start,
+            on_shard=on_shard,
+            on_images=on_images,
+        )
 
+
+def _text_intact(run_dir: Path, entry: Mapping[str, Any] | None) -> bool:
+    path = run_dir / TEXT_NAME
+    return entry is not None and path.exists() and sha256_file(path) == entry.get("sha256")
+
+
+def _write_run(
+    cfg: EmbedConfig,
+    run_dir: Path,
+    *,
+    rows: Sequence[ManifestRow],
+    classes: list[str],
+    loaded: Any,
+    proposer: Any,
+    mode: str,
+    settings: dict[str, Any],
+    seconds: dict[str, float],
+    t_start: float,
+    on_shard: Callable[[dict[str, Any]], None] | None,
+    on_images: Callable[[int], None] | None,
+) -> EmbedResult:
+    """The part of :func:`run_embed` that runs while this process holds the run directory's lock."""
+    existing = load_run_manifest(run_dir)  # again: another process may have written it before we held the lock
+    if existing is not None:
+        _check_compatible(run_dir, existing, settings)
+    visual = loaded.model.visual
     rank, world = rank_world()
     plan = plan_shards(len(rows), cfg.shard_size)
+    text_entry = (existing or {}).get("text")
     if rank == 0:
-        text = class_text_embeddings(loaded.model, loaded.tokenizer, classes, cfg.templates)
-        write_text(run_dir / TEXT_NAME, classes, text.numpy(), cfg.templates)
+        for stale in run_dir.glob("*.tmp"):  # left by a killed writer: nobody else can be writing here now
+            stale.unlink()
+        if not _text_intact(run_dir, text_entry):  # the same settings give the same text: keep a verified file
+            text = class_text_embeddings(loaded.model, loaded.tokenizer, classes, cfg.templates)
+            sha = write_text(run_dir / TEXT_NAME, classes, text.numpy(), cfg.templates)
+            text_entry = {"file": TEXT_NAME, "sha256": sha}
+    barrier()  # the stale files are gone before any rank writes its own
     # what is already complete: the manifest's entries (a single-process run) and the per-shard records
     done = {e["file"]: e for e in (existing or {}).get("shards", [])}
     done.update(_shard_records(run_dir, plan))
@@ -275,6 +325,7 @@ def run_embed(
         "format_version": FORMAT_VERSION,
         "engine_version": __version__,
         **settings,
+        "text": text_entry,
         "embedding_dim": int(visual.output_dim),
         "dtype": "float32",
         "image_size": loaded.image_size,

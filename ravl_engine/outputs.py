@@ -16,13 +16,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ravl_engine.errors import ConfigError
+from ravl_engine.runlock import LOCK_NAME
 
 logger = logging.getLogger(__name__)
 
 
 def _occupied(path: Path) -> bool:
-    if path.is_dir():
-        return any(path.iterdir())
+    if path.is_dir():  # a run lock's file alone (ravl_engine.runlock) is no result
+        return any(p.name != LOCK_NAME for p in path.iterdir())
     return path.exists() or path.is_symlink()
 
 

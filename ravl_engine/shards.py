@@ -167,7 +167,8 @@ def read_shard(path: Path, *, region_emb: bool = True) -> ShardData:
         raise ShardError(f"{path}: unreadable or incomplete shard ({err}); delete it and re-run embed") from err
 
 
-def write_text(path: Path, classes: Sequence[str], emb: np.ndarray, templates: Sequence[str]) -> None:
+def write_text(path: Path, classes: Sequence[str], emb: np.ndarray, templates: Sequence[str]) -> str:
+    """Write the class text embeddings under ``path.tmp``, rename it to ``path``, return its sha256."""
     import h5py  # noqa: PLC0415
 
     tmp = path.with_name(path.name + ".tmp")
@@ -178,6 +179,7 @@ def write_text(path: Path, classes: Sequence[str], emb: np.ndarray, templates: S
         group.create_dataset("emb", data=emb.astype(np.float32))
         fh.attrs["templates"] = json.dumps(list(templates))
     os.replace(tmp, path)
+    return sha256_file(path)
 
 
 def read_text(path: Path) -> tuple[list[str], np.ndarray]:
@@ -189,6 +191,33 @@ def read_text(path: Path) -> tuple[list[str], np.ndarray]:
             return names, fh["classes/emb"][()]
     except (OSError, KeyError) as err:
         raise ShardError(f"{path}: unreadable class text embeddings ({err}); re-run embed") from err
+
+
+def _read_verified_text(run_dir: Path, manifest: dict[str, Any], dim: int) -> tuple[list[str], np.ndarray]:
+    """text.h5 checked like a shard (sha256 recorded in the manifest), then its class names and dimension."""
+    path = run_dir / TEXT_NAME
+    recorded = (manifest.get("text") or {}).get("sha256")
+    if recorded is None:
+        raise ShardError(
+            f"{run_dir / MANIFEST_NAME}: records no sha256 of {TEXT_NAME} (an older ravl-engine wrote it); re-run the "
+            "same embed command to record it"
+        )
+    if not path.exists():
+        raise ShardError(f"{path}: listed in {MANIFEST_NAME} but missing; re-run embed to rebuild it")
+    if sha256_file(path) != recorded:
+        raise ShardError(f"{path}: contents do not match {MANIFEST_NAME} (sha256); re-run embed to rebuild it")
+    classes, emb = read_text(path)
+    if classes != list(manifest.get("classes", [])):
+        raise ShardError(
+            f"{path}: classes {classes} but {MANIFEST_NAME} lists {manifest.get('classes')}; re-run embed into a new "
+            "directory"
+        )
+    if emb.shape != (len(classes), dim):
+        raise ShardError(
+            f"{path}: class embeddings of shape {list(emb.shape)}, the run says [{len(classes)}, {dim}]; re-run embed "
+            "into a new directory"
+        )
+    return classes, emb
 
 
 def load_run_manifest(run_dir: Path) -> dict[str, Any] | None:
@@ -254,7 +283,7 @@ def read_run(run_dir: str | Path, *, region_shards: range | None = None) -> RunD
         if shard.image_emb.shape[1] != dim or shard.region_emb.shape[1] != dim:
             raise ShardError(f"{path}: embedding dim {shard.image_emb.shape[1]} but the run says {dim}")
         parts.append(shard)
-    classes, text_emb = read_text(run_dir / TEXT_NAME)
+    classes, text_emb = _read_verified_text(run_dir, manifest, dim)
     offsets = [np.zeros(1, dtype=np.int64)]
     total = 0
     for p in parts:

@@ -224,6 +224,8 @@ def test_a_killed_process_leaves_complete_shards_and_a_rerun_resumes(dataset, tm
     child.start()
     child.join(120)
     assert child.exitcode == -9  # killed, not finished
+    # the dead holder's lock file stays, with its pid inside, but the kernel released the lock: the rerun proceeds
+    assert (tmp_path / "killed" / ".lock").read_text().strip() == str(child.pid)
     partial = json.loads((tmp_path / "killed" / "manifest.json").read_text())
     assert partial["complete"] is False and [s["file"] for s in partial["shards"]] == [
         "shard-00000.h5",
