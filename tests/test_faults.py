@@ -132,11 +132,17 @@ def _content(path: Path) -> Any:
 
 
 def _outputs(root: Path) -> dict[str, Path]:
-    """Final-named files under ``root`` (lock files hold only a pid; ``*.tmp`` are work in progress)."""
+    """Final-named files under ``root`` (lock files hold only a pid; ``*.tmp`` files and the hidden ``.NAME.staging``
+    / ``.NAME.old`` folders of a staged output (ravl_engine.outputs.staged_dir) are work in progress)."""
+
+    def in_progress(p: Path) -> bool:
+        parts = p.relative_to(root).parts
+        return any(d.startswith(".") and d.endswith((".staging", ".old")) for d in parts[:-1])
+
     return {
         str(p.relative_to(root)): p
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.suffix != ".tmp" and p.name != ".lock"
+        if p.is_file() and p.suffix != ".tmp" and p.name != ".lock" and not in_progress(p)
     }
 
 
