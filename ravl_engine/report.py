@@ -67,8 +67,12 @@ document.addEventListener('click', e => {
   history.replaceState(null, '', '#cluster-' + open.dataset.open);
   document.getElementById('cluster-' + open.dataset.open).scrollIntoView();
 });
-const first = document.querySelector('section.cluster');
-if (first) { const m = /^#cluster-(\\d+)$/.exec(location.hash); show(m ? m[1] : first.dataset.rank); }
+function fromHash() {
+  const first = document.querySelector('section.cluster'), m = /^#cluster-(\\d+)$/.exec(location.hash);
+  if (first) show(m ? m[1] : first.dataset.rank);
+}
+window.addEventListener('hashchange', fromHash);
+fromHash();
 """
 
 
