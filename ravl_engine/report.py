@@ -4,7 +4,9 @@ terminal table.
 Top of the page: one sentence per ranked cluster, a sortable table, and a 2-D map (PCA of every cluster's medoid)
 where clicking a cluster opens it. Per cluster: its names, the with/without accuracy chart, its top regions cut
 out and in their image with the box drawn. Size stays bounded at any scale: at most ``MAX_CLUSTERS`` clusters,
-``TOP_CROPS`` crops and ``TOP_CONTEXT`` whole images per cluster are embedded; the full lists are in discovery.json.
+``TOP_CROPS`` crops and ``TOP_CONTEXT`` whole images per cluster are embedded (the full lists are in
+discovery.json), and images load lazily: only the open cluster's are decoded, so opening the page does not wait
+for every cluster's.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 THUMB = 72  # crop side, pixels
-CONTEXT = 160  # longest side of an in-context image, pixels
+CONTEXT = 128  # longest side of an in-context image, pixels
 TOP_CROPS = 24
 TOP_CONTEXT = 8
-MAX_CLUSTERS = 50
+MAX_CLUSTERS = 30
 MAX_CHART_CLASSES = 12
 
 STYLE = (
@@ -78,7 +80,7 @@ fromHash();
 
 def _data_uri(img: Any) -> str:
     buffer = io.BytesIO()
-    img.save(buffer, format="JPEG", quality=85)
+    img.save(buffer, format="JPEG", quality=80)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -308,9 +310,12 @@ def render_report(document: dict[str, Any], *, image_folder: Path, top: int = TO
             out.append("</ol>")
         out.append(_chart(c["table"]))
         out.append("<h3>Top regions</h3><div class='crops'>")
-        out.extend(f"<img alt='region {i + 1} of cluster {c['rank']}' src='{uri}'>" for i, uri in enumerate(crops))
+        out.extend(
+            f"<img alt='region {i + 1} of cluster {c['rank']}' loading='lazy' src='{uri}'>"
+            for i, uri in enumerate(crops)
+        )
         out.append("</div><h3>In context</h3><div class='context'>")
-        out.extend(f"<img alt='image of region {i + 1}' src='{uri}'>" for i, uri in enumerate(context))
+        out.extend(f"<img alt='image of region {i + 1}' loading='lazy' src='{uri}'>" for i, uri in enumerate(context))
         out.append("</div></section>")
     out.append(f"<script>{SCRIPT}</script></body></html>")
     return "\n".join(out)

@@ -86,8 +86,8 @@ def test_report_of_a_document(tmp_path):
     crop = _decode(page.images["crops"][0])
     assert crop.size == (report.THUMB, report.THUMB)
     whole = _decode(page.images["context"][0])
-    assert whole.size == (160, 133)  # 48 x 40 scaled to a 160-pixel longest side
-    top_edge, inside = whole.getpixel((40, 1)), whole.getpixel((40, 30))
+    assert whole.size == (128, 107)  # 48 x 40 scaled to a 128-pixel longest side
+    top_edge, inside = whole.getpixel((30, 1)), whole.getpixel((30, 25))
     assert top_edge[2] < 120 < top_edge[0], "the box is drawn in yellow over the white region"
     assert min(inside) > 200
     assert "Regions like these raise class 0&#x27;s accuracy from 88% to 100% and drop 9&#x27;s from 73% to 0%." in text
