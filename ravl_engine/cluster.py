@@ -227,7 +227,8 @@ def run_cluster(cfg: ClusterConfig, *, on_k: Callable[[dict[str, Any]], None] | 
         comm=comm,
     )
     assert result.medoid_embeddings is not None
-    names, naming = None, {}
+    names: list[list[dict[str, Any]]] | None = None
+    naming: dict[str, Any] = {}
     if phrases is not None:
         names, naming = _names(cfg, run, result, phrases, comm=comm, rank=rank)
     document = discovery_document(
