@@ -129,6 +129,14 @@ def test_cluster_names_every_ranked_cluster_from_a_vocabulary_file(audited_run, 
         assert f"#{c['rank']} “{c['names'][0]['phrase']}”" in report
 
 
+def _quick_cluster(run_dir, out, checkpoint):
+    return run_cluster(
+        ClusterConfig(
+            run_dir=str(run_dir), out=str(out), checkpoint=str(checkpoint), report=False, discover=ALL_CLUSTERS
+        )
+    )
+
+
 def test_a_moved_or_changed_checkpoint_skips_names_with_a_warning(audited_run, tmp_path):
     run_dir, checkpoint = audited_run / "run", audited_run / "model.pt"
     moved = tmp_path / "moved.pt"
@@ -142,29 +150,13 @@ def test_a_moved_or_changed_checkpoint_skips_names_with_a_warning(audited_run, t
         assert all(c["names"] == [] for c in doc["clusters"])
         assert "Clusters are not named" in Path(result.report).read_text()
         # the new path, verified by its sha256, names them again
-        named = run_cluster(
-            ClusterConfig(
-                run_dir=str(run_dir),
-                out=str(tmp_path / "b"),
-                checkpoint=str(moved),
-                report=False,
-                discover=ALL_CLUSTERS,
-            )
-        )
+        named = _quick_cluster(run_dir, tmp_path / "b", moved)
         assert named.document["naming"]["status"] == "named"
         assert all(len(c["names"]) == 5 for c in named.document["clusters"])
         changed = tmp_path / "changed.pt"
         changed.write_bytes(moved.read_bytes() + b"\0")
         with pytest.warns(RavlEngineWarning, match="changed since embed"):
-            other = run_cluster(
-                ClusterConfig(
-                    run_dir=str(run_dir),
-                    out=str(tmp_path / "c"),
-                    checkpoint=str(changed),
-                    report=False,
-                    discover=ALL_CLUSTERS,
-                )
-            )
+            other = _quick_cluster(run_dir, tmp_path / "c", changed)
         assert other.document["naming"]["status"] == "skipped"
         # the ranking never depends on the names
         assert [c["cluster_id"] for c in other.document["clusters"]] == [
