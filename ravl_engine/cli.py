@@ -271,11 +271,19 @@ def embed_cmd(**opts: Any) -> None:
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Directory for discovery.json.")
 @overwrite_option
+@click.option(
+    "--vocabulary", default=None, type=click.Path(dir_okay=False), help="Phrases to name clusters with, one per line."
+)
+@click.option("--names/--no-names", default=True, show_default=True, help="Name clusters with the run's text tower.")
+@click.option("--checkpoint", default=None, help="The audited checkpoint, if it moved since embed (for the names).")
 @discovery_options
 def cluster_cmd(
     run_dir: str,
     out: str,
     overwrite: bool,
+    vocabulary: str | None,
+    names: bool,
+    checkpoint: str | None,
     seed: int,
     k: int | None,
     clip_distance: bool,
@@ -285,13 +293,26 @@ def cluster_cmd(
     top: int,
     progress: bool,
 ) -> None:
-    """Find spurious region clusters in a run directory; writes OUT/discovery.json."""
+    """Find spurious region clusters in a run directory; writes OUT/discovery.json and OUT/report.html.
+
+    Clusters are named with phrases (--vocabulary, default: a built-in list of objects, colours x shapes and
+    artefacts) scored by the run's own text tower, loaded from the checkpoint the run recorded.
+    """
 
     from ravl_engine.cluster import ClusterConfig, run_cluster  # noqa: PLC0415
     from ravl_engine.config import DiscoverConfig  # noqa: PLC0415
 
     discover_cfg = DiscoverConfig(k=k, clip_distance=clip_distance, strategy=strategy, backend=backend, device=device)
-    cfg = ClusterConfig(run_dir=run_dir, out=out, seed=seed, discover=discover_cfg, overwrite=overwrite)
+    cfg = ClusterConfig(
+        run_dir=run_dir,
+        out=out,
+        seed=seed,
+        names=names,
+        vocabulary=vocabulary,
+        checkpoint=checkpoint,
+        discover=discover_cfg,
+        overwrite=overwrite,
+    )
     # under torchrun the ranks share the region embeddings
     with _launched(device or "cpu", progress=progress, desc="K sweep", unit="K") as (bar, rank, _world):
         result = run_cluster(cfg, on_k=lambda _entry: bar.update(1))
@@ -307,13 +328,16 @@ def cluster_cmd(
             "report": result.report,
             "k": doc["k"],
             "classes": doc["classes"],
+            "naming": doc["naming"],
             "clusters": [
                 {
                     "rank": c["rank"],
                     "class": c["class"],
                     "gap": c["gap"],
                     "influence": c["influence"],
-                    "n_regions": len(c["regions"]),
+                    "names": c["names"],
+                    "n_regions": c["n_regions"],
+                    "n_images": c["n_images"],
                     "top_regions": c["regions"][:top],
                 }
                 for c in doc["clusters"]

@@ -16,10 +16,12 @@ from ravl_engine.discover import DiscoveryResult, run_discover
 from ravl_engine.distributed import barrier, rank_world
 from ravl_engine.errors import ConfigError
 from ravl_engine.kernels.sharded import TorchComm
+from ravl_engine.naming import SCORE_RULE, cluster_means, name_clusters, read_vocabulary
 from ravl_engine.outputs import check_out, staged_dir
 from ravl_engine.report import write_report
 from ravl_engine.runlock import check_not_being_written, directory_lock
-from ravl_engine.shards import load_run_manifest, read_run, write_json_atomic
+from ravl_engine.shards import RunData, load_run_manifest, read_run, write_json_atomic
+from ravl_engine.vocabulary import builtin_vocabulary
 from ravl_engine.zeroshot import TEMPERATURE, zero_shot_probs
 
 logger = logging.getLogger(__name__)
@@ -38,7 +40,12 @@ class ClusterConfig:
         out: output directory for ``discovery.json``.
         seed: k-medoids++ seed.
         temperature: zero-shot softmax temperature (0.07).
-        report: also write ``report.html`` (montages of each cluster's top regions, cut from the images).
+        report: also write ``report.html`` (each cluster's top regions, cut out and in context; see report.py).
+        names: name every cluster with phrases scored by the run's own text tower (naming.py); skipped with a
+            warning when the model's checkpoint is missing or changed.
+        vocabulary: phrase file, one per line; None = the built-in vocabulary (vocabulary.py).
+        checkpoint: the audited checkpoint's new path if it moved since ``embed`` (its sha256 must match).
+        top_names: phrases kept per cluster, best first.
         discover: discovery options.
         overwrite: replace an existing non-empty ``out`` (default: refuse); the new results are written aside and
             swapped in whole, so old and new files never mix.
@@ -49,12 +56,18 @@ class ClusterConfig:
     seed: int = 0
     temperature: float = TEMPERATURE
     report: bool = True
+    names: bool = True
+    vocabulary: str | None = None
+    checkpoint: str | None = None
+    top_names: int = 5
     discover: DiscoverConfig = field(default_factory=DiscoverConfig)
     overwrite: bool = False
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_names < 1:
+            raise ConfigError(f"top_names must be >= 1, got {self.top_names}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ClusterConfig:
@@ -83,12 +96,15 @@ def discovery_document(
     region_offsets: np.ndarray,
     medoid_emb: np.ndarray,
     audit: Mapping[str, Any] | None = None,
+    names: list[list[dict[str, Any]]] | None = None,
+    naming: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The discovery.json document: clusters ranked, each with its table, medoid and all its regions, best first.
 
     ``medoids`` holds the embedding of every cluster's medoid (all K, by cluster id) and ``audit`` what produced the
     embeddings (model, checkpoint sha256, proposer, region mode): mitigation assigns new regions to these medoids
-    and refuses a model other than the audited one.
+    and refuses a model other than the audited one. ``names`` (by cluster id) become each cluster's ``names``
+    (empty when naming was skipped; ``naming`` says how they were scored, or why not).
     """
     region_image = np.repeat(np.arange(len(ids)), np.diff(region_offsets))
     clusters = []
@@ -100,6 +116,9 @@ def discovery_document(
                 "class": classes[c.class_index] if c.class_index >= 0 else None,
                 "gap": c.gap,
                 "influence": c.influence,
+                "names": names[c.cluster_id] if names is not None else [],
+                "n_regions": int(c.region_indices.shape[0]),
+                "n_images": int(np.unique(region_image[c.region_indices]).shape[0]),
                 "table": [
                     {
                         "class": classes[row.class_index],
@@ -123,6 +142,8 @@ def discovery_document(
         "classes": classes,
         "embedding_dim": int(medoid_emb.shape[1]),
         "audit": dict(audit or {}),
+        "naming": dict(naming or {}),
+        "cluster_sizes": np.bincount(result.assignments, minlength=result.k).tolist(),
         "clusters": clusters,
         "medoids": medoid_emb.astype(float).tolist(),
     }
@@ -144,6 +165,30 @@ def _audit(manifest: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _names(
+    cfg: ClusterConfig, run: RunData, result: DiscoveryResult, phrases: list[str], *, comm: Any, rank: int
+) -> tuple[list[list[dict[str, Any]]] | None, dict[str, Any]]:
+    """Every cluster's names (by cluster id) and how they were scored; rank 0 loads the text tower."""
+    x = torch.from_numpy(run.data.region_emb)
+    labels = torch.from_numpy(result.assignments[run.region_offset : run.region_offset + x.shape[0]])
+    sums, counts = cluster_means(x, labels, result.k)
+    if comm is not None:  # each rank holds a share of the regions
+        sums, counts = comm.sum(sums), comm.sum(counts)
+    naming: dict[str, Any] = {
+        "vocabulary": str(Path(cfg.vocabulary).resolve()) if cfg.vocabulary is not None else "builtin",
+        "n_phrases": len(phrases),
+        "score": SCORE_RULE,
+        "text_embeddings": "computed at cluster time from the run's model and prompt templates",
+    }
+    if rank != 0:
+        return None, naming
+    names, reason = name_clusters(run.manifest, phrases, sums, counts, top=cfg.top_names, checkpoint=cfg.checkpoint)
+    naming["status"] = "named" if names is not None else "skipped"
+    if reason is not None:
+        naming["reason"] = reason
+    return names, naming
+
+
 def run_cluster(cfg: ClusterConfig, *, on_k: Callable[[dict[str, Any]], None] | None = None) -> ClusterResult:
     """Discover spurious region clusters in a run directory and write ``OUT/discovery.json``.
 
@@ -151,12 +196,15 @@ def run_cluster(cfg: ClusterConfig, *, on_k: Callable[[dict[str, Any]], None] | 
         ShardError: not a complete run directory of this format, a run directory that embed is still writing, or
             an ``OUT`` that another cluster is writing.
         ConfigError: images without labels, too few regions for the K sweep, bad embeddings, ``OUT/discovery.json``
-            is a directory.
+            is a directory, an empty or unreadable vocabulary file.
     """
     check_not_being_written(cfg.run_dir)
     if (Path(cfg.out) / DISCOVERY_NAME).is_dir():  # found before the discovery runs, not when it is written
         raise ConfigError(f"{Path(cfg.out) / DISCOVERY_NAME} is a directory; remove it or choose another --out")
     rank, world = rank_world()
+    phrases = None
+    if cfg.names:  # a bad vocabulary file fails before the discovery, not after
+        phrases = read_vocabulary(cfg.vocabulary) if cfg.vocabulary is not None else builtin_vocabulary()
     comm = TorchComm() if world > 1 else None
     region_shards = None
     if comm is not None:  # each rank reads the region embeddings of a contiguous run of shards
@@ -190,6 +238,10 @@ def run_cluster(cfg: ClusterConfig, *, on_k: Callable[[dict[str, Any]], None] | 
         comm=comm,
     )
     assert result.medoid_embeddings is not None
+    names: list[list[dict[str, Any]]] | None = None
+    naming: dict[str, Any] = {}
+    if phrases is not None:
+        names, naming = _names(cfg, run, result, phrases, comm=comm, rank=rank)
     document = discovery_document(
         result,
         classes=run.classes,
@@ -198,6 +250,8 @@ def run_cluster(cfg: ClusterConfig, *, on_k: Callable[[dict[str, Any]], None] | 
         region_offsets=data.offsets,
         medoid_emb=result.medoid_embeddings,
         audit=_audit(run.manifest),
+        names=names,
+        naming=naming,
     )
     out = Path(cfg.out)
     path = out / DISCOVERY_NAME
