@@ -1,7 +1,8 @@
 """The ``ravl-engine`` command line: a thin layer over the stage APIs.
 
-Every command prints a JSON summary on stdout; logs and progress go to stderr. Library errors become one-line
-click errors with a non-zero exit code.
+Every command prints a JSON summary on stdout; logs, progress and the summary's warnings go to stderr. Library, OS
+and decoding errors of any command become one-line click errors with exit status 1 (in :class:`_Main`, once);
+Ctrl-C exits 130.
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ def test_non_utf8_classes_file_names_it(tmp_path, dataset):
     ],
 )
 def test_device_is_checked_before_any_work(tmp_path, dataset, command, device, fragment):
-    if device.startswith("cuda") and torch.cuda.device_count() > 3:
+    if device.startswith("cuda") and torch.cuda.device_count() > (torch.device(device).index or 0):
         pytest.skip("this machine has the GPU")
     args = {
         "embed": ["embed", "--data", dataset, "--out", tmp_path / "run"],
