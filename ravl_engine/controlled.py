@@ -10,6 +10,7 @@ embedding engine's format: every row carries the cells as boxes, and evaluation 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ import numpy as np
 
 from ravl_engine.errors import ConfigError
 from ravl_engine.outputs import check_out, staged_dir
+from ravl_engine.shards import write_atomic
 
 SHAPES = ("square", "disk", "ring", "triangle", "stripes")
 COLORS = {
@@ -336,13 +338,15 @@ def _write_sets(
                 row["region_labels"] = json.dumps(region_labels)
             rows.append(row)
         path = out / f"{part}.csv"
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(path)
+        write_atomic(path, functools.partial(_write_csv, rows=rows))
     return realised
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def class_names(classes: Sequence[int]) -> list[str]:

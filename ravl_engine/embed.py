@@ -40,6 +40,7 @@ from ravl_engine.shards import (
     load_run_manifest,
     plan_shards,
     sha256_file,
+    write_atomic,
     write_json_atomic,
     write_shard,
     write_text,
@@ -282,9 +283,9 @@ def run_embed(
         )
 
 
-def _text_intact(run_dir: Path, entry: Mapping[str, Any] | None) -> bool:
-    path = run_dir / TEXT_NAME
-    return entry is not None and path.exists() and sha256_file(path) == entry.get("sha256")
+def _intact(path: Path, entry: Mapping[str, Any]) -> bool:
+    """``path`` exists and has the sha256 its manifest entry records (a shard, text.h5)."""
+    return path.exists() and sha256_file(path) == entry.get("sha256")
 
 
 def _write_run(
@@ -313,7 +314,8 @@ def _write_run(
     if rank == 0:
         for stale in run_dir.glob("*.tmp"):  # left by a killed writer: nobody else can be writing here now
             stale.unlink()
-        if not _text_intact(run_dir, text_entry):  # the same settings give the same text: keep a verified file
+        # the same settings give the same text: keep a verified file
+        if text_entry is None or not _intact(run_dir / TEXT_NAME, text_entry):
             text = class_text_embeddings(loaded.model, loaded.tokenizer, classes, cfg.templates)
             sha = write_text(run_dir / TEXT_NAME, classes, text.numpy(), cfg.templates)
             text_entry = {"file": TEXT_NAME, "sha256": sha}
@@ -343,7 +345,7 @@ def _write_run(
     for spec in plan[rank::world]:  # ranks take disjoint shards of the one plan
         entry = done.get(spec.name)
         path = run_dir / spec.name
-        if entry is not None and path.exists() and sha256_file(path) == entry["sha256"]:
+        if entry is not None and _intact(path, entry):
             entries[spec.name] = entry
             skipped += 1
             if on_images is not None:
@@ -382,9 +384,8 @@ def _write_run(
         manifest["shards"] = [records[s.name] for s in plan]
         manifest["complete"] = True
         failures = [f for e in manifest["shards"] for f in e.get("failures", [])]
-        failures_tmp = run_dir / (FAILURES_NAME + ".tmp")
-        failures_tmp.write_text("".join(json.dumps(f) + "\n" for f in failures), encoding="utf-8")
-        failures_tmp.replace(run_dir / FAILURES_NAME)
+        lines = "".join(json.dumps(f) + "\n" for f in failures)
+        write_atomic(run_dir / FAILURES_NAME, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
         manifest["counts"] = {
             "images": sum(e["n_images"] for e in manifest["shards"]),
             "regions": sum(e["n_regions"] for e in manifest["shards"]),

@@ -142,12 +142,21 @@ def load_input(path: str | Path, size: int, mode: str) -> tuple[Tensor, Placemen
     Returns:
         (pixels [3, size, size] uint8, placement, original (height, width) in pixels).
     """
+    pixels, where, shape, _ = _decode_and_fit(path, size, mode, keep_full=False)
+    return pixels, where, shape
+
+
+def _decode_and_fit(
+    path: str | Path, size: int, mode: str, *, keep_full: bool
+) -> tuple[Tensor, Placement, tuple[int, int], Tensor | None]:
+    """``load_input`` plus, with ``keep_full``, the decoded original as [3, H, W] uint8."""
     from PIL import Image  # noqa: PLC0415
 
     with Image.open(path) as img:
         rgb = to_rgb8(img)
         pixels, where = fit_image(rgb, size, mode)
-        return pixels, where, (rgb.size[1], rgb.size[0])
+        full = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1) if keep_full else None
+        return pixels, where, (rgb.size[1], rgb.size[0]), full
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,18 +183,13 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> DecodedImage:
-        from PIL import Image  # noqa: PLC0415
-
         try:
-            with Image.open(self.paths[i]) as img:
-                rgb = to_rgb8(img)
-                pixels, where = fit_image(rgb, self.size, self.resize)
-                full = None
-                if self.keep_full:
-                    full = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
-                return DecodedImage(i, pixels, where, rgb.size[1], rgb.size[0], full)
+            pixels, where, (height, width), full = _decode_and_fit(
+                self.paths[i], self.size, self.resize, keep_full=self.keep_full
+            )
         except Exception as err:  # any decoding problem: skip the image, keep the run going
             return DecodedImage(i, None, None, error=f"{type(err).__name__}: {err}")
+        return DecodedImage(i, pixels, where, height, width, full)
 
 
 def normalize(pixels: Tensor, mean: Tensor, std: Tensor) -> Tensor:

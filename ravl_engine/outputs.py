@@ -87,8 +87,8 @@ def staged_dir(out: str | Path, *, overwrite: bool) -> Iterator[Path]:
         raise
     if out.is_dir():
         out.rename(old)
-    elif out.exists() or out.is_symlink():
-        out.unlink()
+    else:
+        _remove(out)
     stage.rename(out)
     shutil.rmtree(old, ignore_errors=True)
 
@@ -101,7 +101,12 @@ def clear_out(out: str | Path, *, overwrite: bool) -> None:
     """
     out = Path(out)
     check_out(out, overwrite=overwrite)
-    if out.is_dir():
-        shutil.rmtree(out)
-    elif out.exists() or out.is_symlink():
-        out.unlink()
+    _remove(out)
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder with its contents, a file or a link; nothing when ``path`` is absent."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

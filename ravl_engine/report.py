@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from ravl_engine.shards import write_atomic
+
 logger = logging.getLogger(__name__)
 
 THUMB = 72  # crop side, pixels
@@ -323,9 +325,8 @@ def render_report(document: dict[str, Any], *, image_folder: Path, top: int = TO
 
 def write_report(document: dict[str, Any], path: Path, *, image_folder: Path, top: int = TOP_CROPS) -> Path:
     """Write the report next to discovery.json (temporary name, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_report(document, image_folder=image_folder, top=top), encoding="utf-8")
-    tmp.replace(path)
+    page = render_report(document, image_folder=image_folder, top=top)
+    write_atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return path
 
 

@@ -114,24 +114,27 @@ def write_shard(path: Path, spec: ShardSpec, data: ShardData) -> str:
     """Write a shard under ``path.tmp``, rename it to ``path``, return its sha256."""
     import h5py  # noqa: PLC0415
 
-    tmp = path.with_name(path.name + ".tmp")
     text = h5py.string_dtype("utf-8")
-    with h5py.File(tmp, "w") as fh:
-        fh.attrs["format_version"] = FORMAT_VERSION
-        fh.attrs["shard_index"] = spec.index
-        fh.attrs["first_image"] = spec.start
-        images = fh.create_group("images")
-        images.create_dataset("id", data=np.array(data.ids, dtype=object), dtype=text)
-        images.create_dataset("label", data=data.labels.astype(np.int64))
-        images.create_dataset("emb", data=data.image_emb.astype(np.float32))
-        images.create_dataset("region_offset", data=data.offsets.astype(np.int64))
-        regions = fh.create_group("regions")
-        regions.create_dataset("box", data=data.boxes.astype(np.float32).reshape(-1, 4))
-        regions.create_dataset("emb", data=data.region_emb.astype(np.float32).reshape(-1, data.image_emb.shape[1]))
-        regions.create_dataset("proposer_score", data=data.scores.astype(np.float32))
-        if data.region_labels is not None:
-            regions.create_dataset("label", data=np.array(data.region_labels, dtype=object), dtype=text)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as fh:
+            fh.attrs["format_version"] = FORMAT_VERSION
+            fh.attrs["shard_index"] = spec.index
+            fh.attrs["first_image"] = spec.start
+            images = fh.create_group("images")
+            images.create_dataset("id", data=np.array(data.ids, dtype=object), dtype=text)
+            images.create_dataset("label", data=data.labels.astype(np.int64))
+            images.create_dataset("emb", data=data.image_emb.astype(np.float32))
+            images.create_dataset("region_offset", data=data.offsets.astype(np.int64))
+            regions = fh.create_group("regions")
+            regions.create_dataset("box", data=data.boxes.astype(np.float32).reshape(-1, 4))
+            dim = data.image_emb.shape[1]
+            regions.create_dataset("emb", data=data.region_emb.astype(np.float32).reshape(-1, dim))
+            regions.create_dataset("proposer_score", data=data.scores.astype(np.float32))
+            if data.region_labels is not None:
+                regions.create_dataset("label", data=np.array(data.region_labels, dtype=object), dtype=text)
+
+    write_atomic(path, write)
     return sha256_file(path)
 
 
@@ -171,14 +174,15 @@ def write_text(path: Path, classes: Sequence[str], emb: np.ndarray, templates: S
     """Write the class text embeddings under ``path.tmp``, rename it to ``path``, return its sha256."""
     import h5py  # noqa: PLC0415
 
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as fh:
-        fh.attrs["format_version"] = FORMAT_VERSION
-        group = fh.create_group("classes")
-        group.create_dataset("name", data=np.array(list(classes), dtype=object), dtype=h5py.string_dtype("utf-8"))
-        group.create_dataset("emb", data=emb.astype(np.float32))
-        fh.attrs["templates"] = json.dumps(list(templates))
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as fh:
+            fh.attrs["format_version"] = FORMAT_VERSION
+            group = fh.create_group("classes")
+            group.create_dataset("name", data=np.array(list(classes), dtype=object), dtype=h5py.string_dtype("utf-8"))
+            group.create_dataset("emb", data=emb.astype(np.float32))
+            fh.attrs["templates"] = json.dumps(list(templates))
+
+    write_atomic(path, write)
     return sha256_file(path)
 
 
