@@ -95,6 +95,8 @@ class SynthConfig:
         eval_feature_p: probability of the feature in the evaluation set (independent of the class), and in the
             fine-tuning set when ``cramers_v`` is 0.
         seed: everything is drawn from this seed.
+        caption_feature: captions also name the feature where it is shown ("... with a red square"), so that a
+            model pretrained on the set has seen the feature words (the naming benchmark's pretraining set).
         overwrite: replace an existing non-empty ``out`` (default: refuse). The setting is written aside and
             swapped in whole, so an interrupted run never leaves old and new files mixed.
     """
@@ -114,6 +116,7 @@ class SynthConfig:
     eval_feature_p: float = 0.5
     seed: int = 0
     captions: tuple[str, ...] = field(default=CAPTION_TEMPLATES)
+    caption_feature: bool = False
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -330,7 +333,8 @@ def _write_sets(
             row = {
                 "image": name,
                 "label": str(int(y[i])),
-                "caption": cfg.captions[int(rng.integers(len(cfg.captions)))].format(int(y[i])),
+                "caption": cfg.captions[int(rng.integers(len(cfg.captions)))].format(int(y[i]))
+                + (f" with a {feature_name}" if cfg.caption_feature and feature_cell is not None else ""),
                 "split": part,
             }
             row["boxes"] = json.dumps(cells)  # the cells, so that both sets can use the manifest proposer

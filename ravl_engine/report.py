@@ -5,8 +5,8 @@ Top of the page: one sentence per ranked cluster, a sortable table, and a 2-D ma
 where clicking a cluster opens it. Per cluster: its names, the with/without accuracy chart, its top regions cut
 out and in their image with the box drawn. Size stays bounded at any scale: at most ``MAX_CLUSTERS`` clusters,
 ``TOP_CROPS`` crops and ``TOP_CONTEXT`` whole images per cluster are embedded (the full lists are in
-discovery.json), and images load lazily: only the open cluster's are decoded, so opening the page does not wait
-for every cluster's.
+discovery.json), and images load lazily: every cluster's images but the first's sit in an inert ``<template>``
+that becomes elements when the cluster is first opened, so opening the page decodes only the first cluster's.
 """
 
 from __future__ import annotations
@@ -45,7 +45,11 @@ STYLE = (
 # sort the table by the clicked column (numeric when both cells are numbers)
 SCRIPT = """
 function show(rank) {
-  document.querySelectorAll('section.cluster').forEach(s => { s.hidden = s.dataset.rank !== rank; });
+  document.querySelectorAll('section.cluster').forEach(s => {
+    s.hidden = s.dataset.rank !== rank;
+    const t = s.hidden ? null : s.querySelector('template.images');
+    if (t) t.replaceWith(t.content);  // a cluster's images become elements (and decode) when it first opens
+  });
   document.querySelectorAll('[data-open]').forEach(e => e.classList.toggle('sel', e.dataset.open === rank));
 }
 function sortBy(th) {
@@ -74,6 +78,7 @@ document.addEventListener('click', e => {
 function fromHash() {
   const first = document.querySelector('section.cluster'), m = /^#cluster-(\\d+)$/.exec(location.hash);
   if (first) show(m ? m[1] : first.dataset.rank);
+  performance.mark('ravl-cluster-shown');
 }
 window.addEventListener('hashchange', fromHash);
 fromHash();
@@ -311,14 +316,16 @@ def render_report(document: dict[str, Any], *, image_folder: Path, top: int = TO
             out.extend(f"<li>{esc(n['phrase'])} ({n['score']:+.4f})</li>" for n in c["names"])
             out.append("</ol>")
         out.append(_chart(c["table"]))
+        lazy = c is not clusters[0]  # the other clusters' images are inert in a <template> until opened
+        out.append("<template class='images'>" if lazy else "")
         out.append("<h3>Top regions</h3><div class='crops'>")
+        load = " loading='lazy'" if lazy else ""  # the first cluster's load with the page (its load event)
         out.extend(
-            f"<img alt='region {i + 1} of cluster {c['rank']}' loading='lazy' src='{uri}'>"
-            for i, uri in enumerate(crops)
+            f"<img alt='region {i + 1} of cluster {c['rank']}'{load} src='{uri}'>" for i, uri in enumerate(crops)
         )
         out.append("</div><h3>In context</h3><div class='context'>")
-        out.extend(f"<img alt='image of region {i + 1}' loading='lazy' src='{uri}'>" for i, uri in enumerate(context))
-        out.append("</div></section>")
+        out.extend(f"<img alt='image of region {i + 1}'{load} src='{uri}'>" for i, uri in enumerate(context))
+        out.append("</div></template></section>" if lazy else "</div></section>")
     out.append(f"<script>{SCRIPT}</script></body></html>")
     return "\n".join(out)
 

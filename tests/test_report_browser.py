@@ -60,7 +60,9 @@ def test_report_works_in_chromium(tmp_path):
         shown = js("return [...document.images].filter(i => i.closest('section').hidden === false && i.complete)"
                    ".map(i => i.naturalWidth)")  # fmt: skip
         assert shown and all(width > 0 for width in shown), "the open cluster's images decoded"
-        # images load lazily (hidden clusters' only when opened): load them all now, then every one must decode
+        assert js("return document.images.length") == 24 + 8, "the other clusters' images wait in a <template>"
+        # images load lazily (hidden clusters' only when opened): open every cluster, load all, every one must decode
+        js("document.querySelectorAll('section.cluster').forEach(s => show(s.dataset.rank)); show('1');")
         js("document.querySelectorAll('img').forEach(i => { i.loading = 'eager'; })")
         WebDriverWait(browser, 20).until(lambda b: js("return [...document.images].every(i => i.complete)"))
         widths = js("return [...document.images].map(i => i.naturalWidth)")
