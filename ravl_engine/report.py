@@ -87,7 +87,7 @@ fromHash();
 
 def _data_uri(img: Any) -> str:
     buffer = io.BytesIO()
-    img.save(buffer, format="JPEG", quality=80)
+    img.save(buffer, format="JPEG", quality=70, optimize=True)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

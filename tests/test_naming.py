@@ -179,3 +179,49 @@ def test_cli_cluster_vocabulary_errors_are_one_line(audited_run, tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert summary["naming"] == {} and all(c["names"] == [] for c in summary["clusters"])
+
+
+def test_unreadable_vocabularies_are_one_line_errors(tmp_path):
+    binary = tmp_path / "v.bin"
+    binary.write_bytes(b"red square\n\xff\xfe\x00ruler\n")
+    with pytest.raises(ConfigError, match=r"vocabulary .*v\.bin: cannot read it .*give a UTF-8 text file"):
+        read_vocabulary(binary)
+    with pytest.raises(ConfigError, match="cannot read it"):
+        read_vocabulary(tmp_path)  # a folder
+    only_duplicates = tmp_path / "d.txt"
+    only_duplicates.write_text("ruler\nRULER\n  ruler  \n")
+    with pytest.warns(RavlEngineWarning, match=r"2 duplicate phrase\(s\) dropped"):
+        assert read_vocabulary(only_duplicates) == ["ruler"]
+
+
+def test_cli_cluster_bad_vocabulary_and_moved_checkpoint(audited_run, tmp_path):
+    """Through the CLI: duplicates and a moved checkpoint are warnings, not failures; discovery.json stays valid."""
+    runner = CliRunner()
+    run_dir, checkpoint = audited_run / "run", audited_run / "model.pt"
+    vocab = tmp_path / "v.txt"
+    vocab.write_text("ruler\nRuler\nred square\n")
+    args = ["cluster", str(run_dir), "--no-progress", "--k", "6", "--vocabulary", str(vocab)]
+
+    def cluster(out, *extra):
+        res = runner.invoke(main, [*args, "--out", str(tmp_path / out), *extra])
+        assert res.exit_code == 0, res.output
+        doc = json.loads((tmp_path / out / "discovery.json").read_text())
+        assert doc["format"] == "ravl-engine-discovery/1" and sum(doc["cluster_sizes"]) == 48
+        assert json.loads(res.stdout)["naming"] == doc["naming"]
+        return doc
+
+    with pytest.warns(RavlEngineWarning, match=r"1 duplicate phrase\(s\) dropped \(first: 'Ruler'\)"):
+        doc = cluster("dup")
+    assert doc["naming"]["status"] == "named" and doc["naming"]["n_phrases"] == 2
+    moved = tmp_path / "moved.pt"
+    shutil.move(checkpoint, moved)
+    try:
+        with pytest.warns(RavlEngineWarning) as caught:
+            doc = cluster("gone")
+        assert any("is gone; pass its new path (--checkpoint) to name the clusters" in str(w.message) for w in caught)
+        assert doc["naming"]["status"] == "skipped" and "is gone" in doc["naming"]["reason"]
+        assert all(c["names"] == [] for c in doc["clusters"])
+        with pytest.warns(RavlEngineWarning, match="duplicate"):
+            assert cluster("back", "--checkpoint", str(moved))["naming"]["status"] == "named"
+    finally:
+        shutil.move(moved, checkpoint)
