@@ -4,6 +4,7 @@ Per setting (spurious class x feature x seed): pretrain the tiny CLIP from scrat
 (Cramer's V 0) whose captions name the feature where it is shown ("the number is a 3 with a red square"), then
 fine-tune it (text tower frozen) on the biased set with plain captions, embed the evaluation set, cluster, and name
 the clusters with a vocabulary of every built-in colour x shape phrase (11 x 10 = 110, the planted one among them).
+RaVL's cluster filter is off, so every cluster is ranked by its gap and there always is a first one.
 One JSON line per setting: whether the top-ranked cluster's first name (top-1) and its 5 names (top-5) contain the
 planted phrase. Chance: 1/110 for top-1, 5/110 for top-5.
 
@@ -24,6 +25,7 @@ SETTINGS = [(c, color, shape) for c in (3, 5, 8) for color, shape in (("red", "s
 
 def run_setting(work: Path, *, spurious_class: int, color: str, shape: str, args: argparse.Namespace) -> dict:
     from ravl_engine.cluster import ClusterConfig, run_cluster
+    from ravl_engine.config import DiscoverConfig
     from ravl_engine.controlled import SynthConfig, run_synth
     from ravl_engine.embed import EmbedConfig, run_embed
     from ravl_engine.finetune import FinetuneConfig, run_finetune
@@ -52,9 +54,12 @@ def run_setting(work: Path, *, spurious_class: int, color: str, shape: str, args
     run_embed(
         EmbedConfig(data=biased.eval_manifest, out=str(work / "run"), pretrained=tuned.checkpoint, proposer="manifest")
     )
+    # RaVL's filter off (every cluster ranked by gap): at this budget the filter often keeps none, and the question
+    # here is the naming of the cluster ranked first, not the filter
+    discover = DiscoverConfig(influence_threshold=float("-inf"), two_sign_rule=False)
     doc = run_cluster(
         ClusterConfig(run_dir=str(work / "run"), out=str(work / "audit"), vocabulary=str(vocab), report=False,
-                      seed=args.seed)
+                      seed=args.seed, discover=discover)
     ).document  # fmt: skip
     top = doc["clusters"][0] if doc["clusters"] else {}
     names = [n["phrase"] for n in top.get("names", [])]
@@ -74,6 +79,7 @@ def run_setting(work: Path, *, spurious_class: int, color: str, shape: str, args
         "top5_hit": planted in names,
         "first_rank_named_planted": rank_named,
         "n_ranked": len(doc["clusters"]),
+        "filter": "off (influence > -inf, no two-sign rule)",
         "pretrain_val_acc": pre.best_val,
         "finetune_val_acc": tuned.best_val,
         "seconds": round(time.perf_counter() - t0, 1),

@@ -75,7 +75,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, help="append the JSON line here")
+    parser.add_argument("--page", type=Path, help="measure this existing report.html instead (e.g. the demo's)")
+    parser.add_argument("--screenshot", type=Path, help="save a 1200 x 1600 PNG of the page's top here")
     args = parser.parse_args(argv)
+    if args.page is not None:
+        line = {"bench": "report", "page": str(args.page), "html_bytes": args.page.stat().st_size}
+        line.update(_load_times(args.page, args.repeats, screenshot=args.screenshot))
+        _emit(line, args.out)
+        return
 
     from ravl_engine.report import write_report
 
@@ -93,13 +100,17 @@ def main(argv: list[str] | None = None) -> None:
             "render_s": round(render_s, 3),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         }
-        line.update(_load_times(path, args.repeats))
-        print(json.dumps(line))
-        if args.out is not None:
-            with open(args.out, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(line) + "\n")
+        line.update(_load_times(path, args.repeats, screenshot=args.screenshot))
+        _emit(line, args.out)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _emit(line: dict, out: Path | None) -> None:
+    print(json.dumps(line))
+    if out is not None:
+        with open(out, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line) + "\n")
 
 
 # ms from navigation start to the load event's end, and to every image of the open cluster decoded (an upper bound:
@@ -117,7 +128,7 @@ until();
 """
 
 
-def _load_times(path: Path, repeats: int) -> dict:
+def _load_times(path: Path, repeats: int, *, screenshot: Path | None = None) -> dict:
     """Median load time in ms (see the module doc) over fresh loads, and the images that decoded; empty without a
     browser."""
     driver_path = shutil.which("chromedriver")
@@ -128,7 +139,8 @@ def _load_times(path: Path, repeats: int) -> dict:
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+    window = "--window-size=1200,1600"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", window):
         options.add_argument(arg)
     options.binary_location = binary
     browser = webdriver.Chrome(service=Service(driver_path), options=options)
@@ -139,6 +151,8 @@ def _load_times(path: Path, repeats: int) -> dict:
             browser.get("about:blank")
             browser.get(path.resolve().as_uri())
             times.append(browser.execute_async_script(_SHOWN))
+        if screenshot is not None:
+            browser.save_screenshot(str(screenshot))
         shown = [t[1] for t in times]
         times = [t[0] for t in times]
         decoded = browser.execute_script("return [...document.images].filter(i => i.naturalWidth > 0).length")
