@@ -123,3 +123,17 @@ def test_report_without_clusters_names_or_images(tmp_path):
     empty = render_report({"k": 3, "clusters": []}, image_folder=tmp_path)
     assert "No spurious region cluster was found" in empty
     assert summary_table({"clusters": []}).splitlines()[1].strip() == "-  no spurious region cluster found"
+
+
+def test_only_the_first_clusters_images_are_live_at_load(tmp_path):
+    doc = synthetic_document(tmp_path, n_clusters=3, regions_per_cluster=30)
+    text = render_report(doc, image_folder=tmp_path)
+    sections = text.split("<section class='cluster'")[1:]
+    assert len(sections) == 3
+    assert "<template" not in sections[0] and "loading='lazy'" not in sections[0]
+    assert sections[0].count("<img") == report.TOP_CROPS + report.TOP_CONTEXT
+    per = report.TOP_CROPS + report.TOP_CONTEXT
+    for section in sections[1:]:  # inert until opened: every image inside the section's one <template>
+        inside = section.split("<template class='images'>", 1)[1].split("</template>", 1)[0]
+        assert section.count("<template") == 1 and inside.count("<img") == section.count("<img") == per
+    assert "t.replaceWith(t.content)" in text
