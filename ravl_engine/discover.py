@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from ravl_engine.config import DiscoverConfig
-from ravl_engine.errors import ConfigError, RavlEngineWarning
+from ravl_engine.errors import BackendError, ConfigError, RavlEngineWarning
 from ravl_engine.kernels.backends import get_backend
+from ravl_engine.kernels.errors import BackendUnavailableError
 from ravl_engine.kernels.kmedoids import kmedoids_sweep
 from ravl_engine.kernels.scoring import ClusterScores, best_regions, rank_members, score_clusters, select_clusters
 from ravl_engine.kernels.sharded import Comm, LocalComm, Shard, sharded_sweep
@@ -377,7 +378,10 @@ def run_discover(
     )
 
     t0 = time.perf_counter()
-    backend = get_backend(cfg.backend, device=inp.x.device, block_size=cfg.block_size)
+    try:
+        backend = get_backend(cfg.backend, device=inp.x.device, block_size=cfg.block_size)
+    except BackendUnavailableError as err:  # the engine's error type at the kernel boundary, same message
+        raise BackendError(str(err)) from err
     generator = torch.Generator().manual_seed(seed)
     ks = cfg.k_values(inp.num_classes)
     if comm is not None:
