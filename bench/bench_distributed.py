@@ -34,10 +34,10 @@ def _rank(rank: int, world: int, port: int, folder: str, threads: int, seed: int
     import numpy as np
     import torch
     import torch.distributed as dist
-    from ravl_engine.kernels.sharded import TorchComm
 
     from ravl_engine.config import DiscoverConfig
     from ravl_engine.discover import run_discover
+    from ravl_engine.distributed import TorchComm
 
     torch.set_num_threads(threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -13,9 +13,8 @@ import torch
 
 from ravl_engine.config import DiscoverConfig, config_from_dict
 from ravl_engine.discover import DiscoveryResult, run_discover
-from ravl_engine.distributed import barrier, rank_world
+from ravl_engine.distributed import TorchComm, barrier, rank_world
 from ravl_engine.errors import ConfigError
-from ravl_engine.kernels.sharded import TorchComm
 from ravl_engine.naming import SCORE_RULE, cluster_means, name_clusters, read_vocabulary
 from ravl_engine.outputs import check_out, staged_dir
 from ravl_engine.report import write_report

@@ -358,7 +358,7 @@ def run_discover(
 ) -> DiscoveryResult:
     """Run discovery with an explicit config. See :func:`discover` for the arguments.
 
-    With ``comm`` (a multi-process run: :class:`~ravl_engine.kernels.sharded.TorchComm`), ``region_embeddings`` is this
+    With ``comm`` (a multi-process run: :class:`~ravl_engine.distributed.TorchComm`), ``region_embeddings`` is this
     rank's contiguous share of the rows (ranks in order) and every other array is the whole run's; clustering runs the
     sharded K-medoids and every rank returns the same result. ``strategy="sharded"`` runs that code in one process.
     """
@@ -402,6 +402,7 @@ def run_discover(
         local_labels = sharded.fit.labels
         labels = comm.gather(local_labels)
         medoids = sharded.fit.medoids.to(labels.device)
+        assert sharded.shard is not None  # a sharded sweep says where this rank's rows are
         shard = sharded.shard
         medoid_emb = shard.rows(medoids.cpu(), comm)
     else:

@@ -150,10 +150,10 @@ def test_two_ranks_discover_what_one_process_does(dataset, tmp_path):
 
 def _discover_worker(rank: int, world: int, split: list[int], path: str) -> None:
     import torch
-    from ravl_engine.kernels.sharded import TorchComm
 
     from ravl_engine.config import DiscoverConfig
     from ravl_engine.discover import run_discover
+    from ravl_engine.distributed import TorchComm
     from ravl_engine.synth import planted_embeddings
 
     ps = planted_embeddings(1200, dim=32, num_classes=4, seed=3)
@@ -197,10 +197,9 @@ def test_two_ranks_rank_the_same_clusters_as_one_process(tmp_path, split):
 
 
 def _bad_rows_worker(rank: int, world: int, path: str) -> None:
-    from ravl_engine.kernels.sharded import TorchComm
-
     from ravl_engine.config import DiscoverConfig
     from ravl_engine.discover import run_discover
+    from ravl_engine.distributed import TorchComm
     from ravl_engine.errors import ConfigError
     from ravl_engine.synth import planted_embeddings
 

@@ -79,7 +79,6 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-@pytest.mark.xfail(strict=True, reason="kmedoids <-> sharded until the split")
 def test_kernel_modules_import_each_other_without_a_circle():
     graph = _graph()
     assert any(graph.values()), "no imports among kernel modules found: the walk is broken"

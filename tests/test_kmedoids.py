@@ -10,18 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from ravl_engine.kernels.backends import FaissBackend, TorchBackend, faiss_available
-from ravl_engine.kernels.kmedoids import (
-    MedoidBank,
-    _cluster_sums,
-    _move_members,
-    fit_kmedoids,
-    fit_kmedoids_batch,
-    fit_kmedoids_search,
-    group_rows,
-    kmedoids_pp_init,
-    kmedoids_sweep,
-    member_keys,
-)
+from ravl_engine.kernels.bank import MedoidBank, cluster_sums, group_rows, member_keys, move_members
+from ravl_engine.kernels.kmedoids import fit_kmedoids, fit_kmedoids_batch, kmedoids_sweep
+from ravl_engine.kernels.seeding import kmedoids_pp_init
+from ravl_engine.kernels.sharded import fit_kmedoids_search
 
 from tests.conftest import clustered_rows, unit_rows
 from tests.oracles import dense_distance, dense_kmedoids, dense_kpp_init
@@ -198,7 +190,7 @@ def test_member_sums_and_keys_equal_a_direct_sum():
                     keys[f * k_max + c] += point_keys[m]
         return sums, keys
 
-    sums, keys = _cluster_sums(x, point_keys, local + offsets, k_max=k_max)
+    sums, keys = cluster_sums(x, point_keys, local + offsets, k_max=k_max)
     want_sums, want_keys = direct(local)
     torch.testing.assert_close(sums, want_sums, rtol=0, atol=1e-12)
     assert torch.equal(keys, want_keys)
@@ -208,7 +200,7 @@ def test_member_sums_and_keys_equal_a_direct_sum():
     many[:, :200] = 5  # many rows switch in every fit, but the fits stay alike: rebuilt
     for moved in (few, many):
         switched = moved != local
-        got_sums, got_keys = _move_members(
+        got_sums, got_keys = move_members(
             sums.clone(), keys.clone(), x, point_keys, local + offsets, moved + offsets, switched, k_max=k_max
         )
         want_sums, want_keys = direct(moved)
