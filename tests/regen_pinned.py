@@ -65,7 +65,7 @@ def summarize(result: Any) -> dict[str, Any]:
 
 def planted_case(name: str) -> dict[str, Any]:
     from ravl_engine import DiscoverConfig, discover  # noqa: PLC0415
-    from ravl_engine.synth import planted_embeddings  # noqa: PLC0415
+    from ravl_engine.planted import planted_embeddings  # noqa: PLC0415
 
     data_kw, cfg_kw = PLANTED_CASES[name]
     data = planted_embeddings(**data_kw)

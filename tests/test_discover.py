@@ -12,7 +12,7 @@ import torch
 
 from ravl_engine import ConfigError, DiscoverConfig, RavlEngineWarning, discover
 from ravl_engine.discover import _as_float_matrix
-from ravl_engine.synth import KIND_FEATURE, planted_embeddings, precision_at_k
+from ravl_engine.planted import KIND_FEATURE, planted_embeddings, precision_at_k
 from tests.conftest import random_scores, unit_rows
 from tests.oracles import dense_discover
 

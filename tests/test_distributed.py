@@ -154,7 +154,7 @@ def _discover_worker(rank: int, world: int, split: list[int], path: str) -> None
     from ravl_engine.config import DiscoverConfig
     from ravl_engine.discover import run_discover
     from ravl_engine.distributed import TorchComm
-    from ravl_engine.synth import planted_embeddings
+    from ravl_engine.planted import planted_embeddings
 
     ps = planted_embeddings(1200, dim=32, num_classes=4, seed=3)
     start = sum(split[:rank])
@@ -177,7 +177,7 @@ def test_two_ranks_rank_the_same_clusters_as_one_process(tmp_path, split):
 
     from ravl_engine.config import DiscoverConfig
     from ravl_engine.discover import run_discover
-    from ravl_engine.synth import planted_embeddings
+    from ravl_engine.planted import planted_embeddings
 
     ps = planted_embeddings(1200, dim=32, num_classes=4, seed=3)
     args = (ps.region_embeddings, ps.num_regions, ps.image_labels, ps.image_scores, ps.region_scores)
@@ -201,7 +201,7 @@ def _bad_rows_worker(rank: int, world: int, path: str) -> None:
     from ravl_engine.discover import run_discover
     from ravl_engine.distributed import TorchComm
     from ravl_engine.errors import ConfigError
-    from ravl_engine.synth import planted_embeddings
+    from ravl_engine.planted import planted_embeddings
 
     ps = planted_embeddings(400, dim=16, num_classes=2, seed=0)
     x = ps.region_embeddings.copy()
