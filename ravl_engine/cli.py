@@ -180,12 +180,15 @@ def _toml_defaults(ctx: click.Context, _param: click.Parameter, value: str | Non
         table = tomllib.loads(Path(value).read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise click.ClickException(f"{value}: not valid TOML ({err}); fix the file or drop --config") from err
-    names = {p.name for p in ctx.command.params if p.name not in (None, "config")}
+    names: dict[str, str] = {}  # key (with _) -> parameter name: the option's flags and its parameter name
+    for p in ctx.command.params:
+        if p.name and p.name != "config":
+            names |= {k.lstrip("-").replace("-", "_"): p.name for k in [p.name, *p.opts]}
     defaults: dict[str, Any] = {}
     for key, item in table.items():
-        name = key.replace("-", "_")
-        if name not in names:
-            valid = ", ".join(sorted(n.replace("_", "-") for n in names if n))
+        name = names.get(key.replace("-", "_"))
+        if name is None:
+            valid = ", ".join(sorted({k.replace("_", "-") for k in names}))
             raise click.ClickException(f"{value}: unknown key {key!r} for `{ctx.info_name}`; valid keys are {valid}")
         if isinstance(item, dict):  # a table of KEY = VALUE, as --proposer-option KEY=VALUE would give
             item = [f"{k}={json.dumps(v)}" for k, v in item.items()]
