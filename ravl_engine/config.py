@@ -58,7 +58,7 @@ class DiscoverConfig:
             tables fit ``memory_budget_mb``, and is "sharded" under a multi-process launch.
         memory_budget_mb: MiB for the cached strategy's tables; more lets more K values run in one batch.
         backend: top-1 search backend of the "search" strategy: "auto" (Faiss for CUDA inputs when faiss sees a
-            GPU, else torch blocked matmul, measured faster on CPU), "torch" or "faiss".
+            GPU, else torch blocked matmul, the faster one on CPU), "torch" or "faiss".
         device: run on this torch device ("cpu", "cuda", "cuda:1"); None keeps the inputs' device.
         block_size: rows per block in blocked kernels.
         normalize: what to do with embeddings whose rows are not unit-norm: "warn" (re-normalise and warn) or
