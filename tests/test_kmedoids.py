@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ravl_engine.kernels.backends import FaissBackend, TorchBackend, faiss_available
+from ravl_engine.kernels.backends import FaissBackend, TorchBackend
 from ravl_engine.kernels.kmedoids import (
     MedoidBank,
     _cluster_sums,
@@ -252,8 +252,7 @@ def test_search_strategy_equals_cached_torch_backend():
     assert search.n_iter == cached.n_iter
 
 
-@pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
-def test_search_strategy_with_faiss_equals_cached():
+def test_search_strategy_with_faiss_equals_cached():  # faiss is a declared dependency: never skipped
     x = clustered_rows(800, 16, 8, spread=0.5, seed=11, dtype=torch.float32)
     init, _ = kmedoids_pp_init(x, 8, generator=torch.Generator().manual_seed(2))
     cached = fit_kmedoids(x, init)
@@ -262,7 +261,6 @@ def test_search_strategy_with_faiss_equals_cached():
     assert search.labels.tolist() == cached.labels.tolist()
 
 
-@pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
 def test_faiss_and_torch_backends_agree():
     x = unit_rows(1000, 12, seed=12, dtype=torch.float32)
     centers = x[:17]
