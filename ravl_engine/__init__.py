@@ -11,6 +11,8 @@ torch.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -62,3 +64,21 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
+
+
+class _Package(types.ModuleType):
+    """The package's module type: ``ravl_engine.discover`` stays the function. Importing the submodule of the same
+    name (``ravl_engine.discover``, which every stage does) makes the import system assign the submodule to this
+    attribute; the setter ignores that, so ``from ravl_engine import discover`` gives the function whatever was
+    imported first. The submodule itself is ``sys.modules["ravl_engine.discover"]``."""
+
+    @property
+    def discover(self) -> Any:
+        return importlib.import_module("ravl_engine.discover").discover
+
+    @discover.setter
+    def discover(self, _value: Any) -> None:
+        pass
+
+
+sys.modules[__name__].__class__ = _Package

@@ -112,14 +112,15 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _field_type(hint: Any) -> tuple[Any, tuple[Any, ...]]:
-    """(the click type of a field annotation, its Literal choices); ``X | None`` counts as X."""
+def _field_type(hint: Any) -> Any:
+    """The click type of a field annotation: a Choice for a Literal, int / float / str / bool, else None (click's
+    default); ``X | None`` counts as X."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
         hint = args[0]
     if typing.get_origin(hint) is Literal:
-        return click.Choice(typing.get_args(hint)), typing.get_args(hint)
-    return (hint if hint in (int, float, str, bool) else None), ()
+        return click.Choice(typing.get_args(hint))
+    return hint if hint in (int, float, str, bool) else None
 
 
 def field_option(cls: type, name: str, *decls: str, **attrs: Any) -> click.Option:
@@ -131,7 +132,7 @@ def field_option(cls: type, name: str, *decls: str, **attrs: Any) -> click.Optio
     """
     field = {f.name: f for f in dataclasses.fields(cls)}[name]
     hint = typing.get_type_hints(cls)[name]
-    kind, _ = _field_type(hint)
+    kind = _field_type(hint)
     flag = f"--{name.replace('_', '-')}"
     if not decls:
         decls = (f"{flag}/--no-{flag[2:]}",) if kind is bool else (flag,)
@@ -174,7 +175,10 @@ def _toml_defaults(ctx: click.Context, _param: click.Parameter, value: str | Non
     """--config FILE.toml: its keys (option names, with - or _) become the command's defaults."""
     if value is None:
         return
-    import tomllib  # noqa: PLC0415
+    if sys.version_info >= (3, 11):
+        import tomllib  # noqa: PLC0415
+    else:  # pragma: no cover
+        import tomli as tomllib  # noqa: PLC0415
 
     try:
         table = tomllib.loads(Path(value).read_text(encoding="utf-8"))
