@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ravl_engine.kernels.backends import FaissBackend, TorchBackend, faiss_available
+from ravl_engine.kernels.backends import FaissBackend, TorchBackend
 from ravl_engine.kernels.bank import MedoidBank, cluster_sums, group_rows, member_keys, move_members
 from ravl_engine.kernels.kmedoids import fit_kmedoids, fit_kmedoids_batch, kmedoids_sweep
 from ravl_engine.kernels.seeding import kmedoids_pp_init
@@ -244,8 +244,7 @@ def test_search_strategy_equals_cached_torch_backend():
     assert search.n_iter == cached.n_iter
 
 
-@pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
-def test_search_strategy_with_faiss_equals_cached():
+def test_search_strategy_with_faiss_equals_cached():  # faiss is a declared dependency: never skipped
     x = clustered_rows(800, 16, 8, spread=0.5, seed=11, dtype=torch.float32)
     init, _ = kmedoids_pp_init(x, 8, generator=torch.Generator().manual_seed(2))
     cached = fit_kmedoids(x, init)
@@ -254,7 +253,6 @@ def test_search_strategy_with_faiss_equals_cached():
     assert search.labels.tolist() == cached.labels.tolist()
 
 
-@pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
 def test_faiss_and_torch_backends_agree():
     x = unit_rows(1000, 12, seed=12, dtype=torch.float32)
     centers = x[:17]
