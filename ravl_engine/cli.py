@@ -19,12 +19,15 @@ import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
 from ravl_engine import __version__
 from ravl_engine.errors import RavlEngineError
+
+if TYPE_CHECKING:
+    from ravl_engine.config import Backend, Strategy
 
 logger = logging.getLogger(__name__)
 
@@ -277,8 +280,8 @@ def discover_cmd(
     seed: int,
     k: int | None,
     clip_distance: bool,
-    strategy: str,
-    backend: str,
+    strategy: Strategy,
+    backend: Backend,
     device: str | None,
     top: int,
     progress: bool,
@@ -448,8 +451,8 @@ def cluster_cmd(
     seed: int,
     k: int | None,
     clip_distance: bool,
-    strategy: str,
-    backend: str,
+    strategy: Strategy,
+    backend: Backend,
     device: str | None,
     top: int,
     progress: bool,
