@@ -272,3 +272,51 @@ def test_cli_embed_bad_input_is_one_line_and_nonzero(dataset, tmp_path):
         main, ["embed", "--data", str(dataset), "--out", str(tmp_path / "r2"), "--no-progress", "--proposer", "nope"]
     )
     assert res.exit_code != 0 and "unknown proposer 'nope'; choose one of" in res.output
+
+
+def test_the_per_shard_worker_takes_injected_parts(dataset, tmp_path):
+    """embed_shard is the reader / proposer / embedder / writer of one shard: an injected embedder's arrays land in
+    the shard as given, with the proposer's boxes scaled to the input (56 px images fitted to the 64 px input)."""
+    import torch
+    from ravl_engine.proposers import build_proposer
+
+    from ravl_engine.embed import ShardJob, embed_shard
+    from ravl_engine.manifest import read_manifest
+    from ravl_engine.shards import plan_shards, read_shard
+
+    seen: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+
+    def embedder(pixels, boxes):  # image i -> e_(i mod 4); region j of image i -> e_(4 + j)
+        seen.append((pixels, list(boxes)))
+        eye = torch.eye(8)
+        img = eye[torch.arange(pixels.shape[0]) % 4]
+        reg = torch.cat([eye[4 + torch.arange(b.shape[0])] for b in boxes])
+        return img, reg
+
+    rows = read_manifest(dataset)
+    job = ShardJob(
+        rows=rows,
+        proposer=build_proposer("quadrants"),
+        proposer_name="quadrants",
+        embedder=embedder,
+        dim=8,
+        size=64,
+        resize="squash",
+        batch_size=3,
+        num_workers=0,
+        label_index={"0": 0, "1": 1, "2": 2},
+    )
+    spec = plan_shards(len(rows), 8)[1]  # images 8..15
+    seconds: dict[str, float] = {}
+    entry = embed_shard(job, spec, tmp_path / spec.name, seconds=seconds)
+    assert entry["n_images"] == 8 and entry["n_regions"] == 32 and entry["failures"] == []
+    assert set(seconds) == {"read", "propose", "embed", "write"}
+    assert [p.shape[0] for p, _ in seen] == [3, 3, 2]  # the reader's batches
+    assert all(p.dtype == torch.uint8 and p.shape[1:] == (3, 64, 64) for p, _ in seen)
+    assert torch.allclose(seen[0][1][0][1], torch.tensor([32.0, 0.0, 64.0, 32.0]))  # 56 px quadrant -> 64 px input
+    data = read_shard(tmp_path / spec.name)
+    assert data.ids == [r.image for r in rows[8:16]]
+    assert data.labels.tolist() == [int(r.label) for r in rows[8:16]]
+    assert data.boxes[:4].tolist() == [[0, 0, 28, 28], [28, 0, 56, 28], [0, 28, 28, 56], [28, 28, 56, 56]]
+    assert np.array_equal(data.image_emb.argmax(1), np.array([0, 1, 2, 0, 1, 2, 0, 1]))  # i mod 4 per batch of 3
+    assert np.array_equal(data.region_emb.argmax(1), np.tile([4, 5, 6, 7], 8))
