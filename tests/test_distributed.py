@@ -56,6 +56,7 @@ def dataset(tmp_path_factory):
     return write_digit_dataset(tmp_path_factory.mktemp("digits"), n_images=36)
 
 
+@pytest.mark.slow  # two gloo processes
 def test_two_ranks_embed_the_same_arrays_as_one_process(dataset, tmp_path):
     single = tmp_path / "single"
     run_embed(EmbedConfig(data=str(dataset), out=str(single), shard_size=8, batch_size=4))
@@ -68,6 +69,7 @@ def test_two_ranks_embed_the_same_arrays_as_one_process(dataset, tmp_path):
     _same(_arrays(single), _arrays(multi))
 
 
+@pytest.mark.slow  # two gloo processes, run twice
 def test_a_rank_that_dies_leaves_complete_shards_and_a_rerun_resumes(dataset, tmp_path):
     reference = tmp_path / "ref"
     run_embed(EmbedConfig(data=str(dataset), out=str(reference), shard_size=8, batch_size=4))
@@ -171,7 +173,8 @@ def _discover_worker(rank: int, world: int, split: list[int], path: str) -> None
     torch.save(result, f"{path}.{rank}")
 
 
-@pytest.mark.parametrize("split", [[600, 600], pytest.param([1001, 199], marks=pytest.mark.slow)])
+@pytest.mark.slow  # two gloo processes; tests/test_sharded.py keeps a fast two-rank case
+@pytest.mark.parametrize("split", [[600, 600], [1001, 199]])
 def test_two_ranks_rank_the_same_clusters_as_one_process(tmp_path, split):
     import torch
 
@@ -221,6 +224,7 @@ def _bad_rows_worker(rank: int, world: int, path: str) -> None:
         Path(f"{path}.{rank}").write_text(str(err))
 
 
+@pytest.mark.slow  # two gloo processes
 def test_bad_rows_on_one_rank_stop_every_rank(tmp_path):
     path = str(tmp_path / "error")
     assert run_ranks(_bad_rows_worker, path) == [0, 0]
@@ -296,9 +300,10 @@ def _step_worker(rank: int, world: int, method: str, path: str) -> None:
     torch.save(_one_step(method, rank, world), f"{path}.{rank}")
 
 
+@pytest.mark.slow  # two gloo processes per method
 @pytest.mark.parametrize(
     "method",
-    ["ravl", pytest.param("vl-gdro", marks=pytest.mark.slow), pytest.param("standard", marks=pytest.mark.slow)],
+    ["ravl", "vl-gdro", "standard"],
 )
 def test_a_ddp_step_equals_one_process_on_the_global_batch(tmp_path, method):
     import torch

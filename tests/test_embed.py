@@ -221,6 +221,7 @@ def _embed_and_die_after_two_shards(data: str, out: str) -> None:
     run_embed(_cfg(data, out), on_shard=die)
 
 
+@pytest.mark.slow  # a subprocess killed mid-run; in-process resume is tested above
 def test_a_killed_process_leaves_complete_shards_and_a_rerun_resumes(dataset, tmp_path):
     import multiprocessing
 
