@@ -49,7 +49,7 @@ class DemoConfig:
     overwrite: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DemoResult:
     """What the demo planted and found (``to_dict`` is the JSON summary ``ravl-engine demo`` prints).
 
