@@ -306,10 +306,11 @@ def discover_cmd(
     with tqdm(total=n_k, desc="K sweep", unit="K", file=sys.stderr, disable=not progress, delay=0.5) as bar:
         result = run_discover(cfg, *inputs, seed=seed, on_k=lambda _entry: bar.update(1))
     if out is not None:
+        from ravl_engine.documents import discover_arrays_document  # noqa: PLC0415
         from ravl_engine.shards import write_json_atomic  # noqa: PLC0415
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out, result.to_dict(max_regions=None))
+        write_json_atomic(out, discover_arrays_document(result.to_dict(max_regions=None)))
     summary = result.to_dict(max_regions=top)
     summary["out"] = str(out) if out is not None else None
     _emit(summary)
@@ -490,21 +491,21 @@ def cluster_cmd(
         {
             "discovery": result.path,
             "report": result.report,
-            "k": doc["k"],
-            "classes": doc["classes"],
-            "naming": doc["naming"],
+            "k": doc.k,
+            "classes": list(doc.classes),
+            "naming": doc.naming.to_dict(),
             "clusters": [
                 {
-                    "rank": c["rank"],
-                    "class": c["class"],
-                    "gap": c["gap"],
-                    "influence": c["influence"],
-                    "names": c["names"],
-                    "n_regions": c["n_regions"],
-                    "n_images": c["n_images"],
-                    "top_regions": c["regions"][:top],
+                    "rank": c.rank,
+                    "class": c.class_name,
+                    "gap": c.gap,
+                    "influence": c.influence,
+                    "names": [n.to_dict() for n in c.names],
+                    "n_regions": c.n_regions,
+                    "n_images": c.n_images,
+                    "top_regions": [r.to_dict() for r in c.regions[:top]],
                 }
-                for c in doc["clusters"]
+                for c in doc.clusters
             ],
         }
     )
@@ -736,7 +737,7 @@ def demo_cmd(**opts: Any) -> None:
     """Plant a red square on one digit class, fine-tune a tiny CLIP, and let RaVL find it (offline, ~1 min on CPU)."""
     from ravl_engine.demo import DemoConfig, run_demo  # noqa: PLC0415
 
-    summary = run_demo(DemoConfig(**opts), on_step=lambda name: click.echo(f"[demo] {name}", err=True))
+    summary = run_demo(DemoConfig(**opts), on_step=lambda name: click.echo(f"[demo] {name}", err=True)).to_dict()
     found = summary["found"]
     click.echo(
         f"[demo] planted {summary['planted']['feature']!r} on class {summary['planted']['class']}; top cluster: class "

@@ -24,6 +24,7 @@ from torch import Tensor
 from ravl_engine import __version__
 from ravl_engine.config import config_from_dict
 from ravl_engine.distributed import barrier, local_device, rank_world
+from ravl_engine.documents import ModelRecord, ProposerRecord, RunRecord
 from ravl_engine.errors import ConfigError, ShardError
 from ravl_engine.images import ImageDataset, boxes_to_input, check_resize, normalize
 from ravl_engine.kernels.roi import region_embed, supported_modes, tower_kind
@@ -138,25 +139,26 @@ class EmbedResult:
         return dataclasses.asdict(self)
 
 
-def _settings(cfg: EmbedConfig, classes: list[str], mode: str, checkpoint_sha: str | None, data_sha: str) -> dict:
+def _record(cfg: EmbedConfig, classes: list[str], mode: str, checkpoint_sha: str | None, data_sha: str) -> RunRecord:
     """What a resumed run must share with the run that started the directory."""
-    return {
-        "model": {"name": cfg.model, "pretrained": cfg.pretrained, "checkpoint_sha256": checkpoint_sha},
-        "proposer": {
-            "name": cfg.proposer,
-            "options": dict(cfg.proposer_options),
-            "max_boxes": cfg.max_boxes,
-            "min_box_size": cfg.min_box_size,
-            "score_threshold": cfg.score_threshold,
-            "whole_image": cfg.whole_image,
-        },
-        "region_mode": mode,
-        "resize": cfg.resize,
-        "classes": classes,
-        "templates": list(cfg.templates),
-        "shard_size": cfg.shard_size,
-        "data": {"path": str(Path(cfg.data).resolve()), "sha256": data_sha},
-    }
+    return RunRecord(
+        model=ModelRecord(name=cfg.model, pretrained=cfg.pretrained, checkpoint_sha256=checkpoint_sha),
+        proposer=ProposerRecord(
+            name=cfg.proposer,
+            options=dict(cfg.proposer_options),
+            max_boxes=cfg.max_boxes,
+            min_box_size=cfg.min_box_size,
+            score_threshold=cfg.score_threshold,
+            whole_image=cfg.whole_image,
+        ),
+        region_mode=mode,
+        resize=cfg.resize,
+        classes=tuple(classes),
+        templates=tuple(cfg.templates),
+        shard_size=cfg.shard_size,
+        data_path=str(Path(cfg.data).resolve()),
+        data_sha256=data_sha,
+    )
 
 
 def _check_compatible(run_dir: Path, existing: dict, settings: dict) -> None:
@@ -263,7 +265,7 @@ def run_embed(
     mode = modes[0] if cfg.region_mode == "auto" else cfg.region_mode
     if mode not in modes:
         raise ConfigError(f"region mode {mode!r} is not supported by {cfg.model}; use one of {', '.join(modes)}")
-    settings = _settings(cfg, classes, mode, loaded.checkpoint_sha256, sha256_file(cfg.data))
+    settings = _record(cfg, classes, mode, loaded.checkpoint_sha256, sha256_file(cfg.data)).to_dict()
     if existing is not None:
         _check_compatible(run_dir, existing, settings)  # fail before taking the lock; checked again under it
     with directory_lock(run_dir, command="embed"):

@@ -113,7 +113,7 @@ def _cluster_worker(rank: int, world: int, run_dir: str, out: str) -> None:
     from ravl_engine.cluster import ClusterConfig, run_cluster
 
     result = run_cluster(ClusterConfig(run_dir=run_dir, out=out, report=False))
-    Path(out, f"rank{rank}.json").write_text(json.dumps(result.document))
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result.document.to_dict()))
 
 
 def _ranked(doc: dict) -> list:
@@ -130,7 +130,8 @@ def test_two_ranks_discover_what_one_process_does(dataset, tmp_path):
 
     run_dir = tmp_path / "run"
     run_embed(EmbedConfig(data=str(dataset), out=str(run_dir), shard_size=8, batch_size=4))
-    single = run_cluster(ClusterConfig(run_dir=str(run_dir), out=str(tmp_path / "one"), report=False)).document
+    single = run_cluster(ClusterConfig(run_dir=str(run_dir), out=str(tmp_path / "one"), report=False))
+    single = single.document.to_dict()
     sharded = run_cluster(
         ClusterConfig(
             run_dir=str(run_dir),
@@ -138,7 +139,7 @@ def test_two_ranks_discover_what_one_process_does(dataset, tmp_path):
             report=False,
             discover=DiscoverConfig(strategy="sharded"),
         )
-    ).document
+    ).document.to_dict()
     out = tmp_path / "two"
     assert run_ranks(_cluster_worker, str(run_dir), str(out)) == [0, 0]
     docs = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
