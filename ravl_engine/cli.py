@@ -451,11 +451,15 @@ def finetune_cmd(progress: bool, **opts: Any) -> None:
 @click.option("--patience", default=6, show_default=True, help="Epochs without validation gain before stopping.")
 @click.option(
     "--select",
-    type=click.Choice(["accuracy", "worst-group", "last"]),
-    default="accuracy",
+    type=click.Choice(["pseudo-group", "accuracy", "worst-group", "last"]),
+    default="pseudo-group",
     show_default=True,
-    help="Which epoch's weights to keep.",
+    help="Which epoch's weights to keep: best worst pseudo-group accuracy on the audit's selection half, ...",
 )
+@click.option(
+    "--audit-data", default=None, type=click.Path(dir_okay=False), help="Audit manifest (default: the recorded one)."
+)
+@click.option("--split-seed", default=0, show_default=True, help="Seed of the audit set's selection / test halves.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, callback=_device)
 @click.option(
