@@ -91,7 +91,7 @@ def _check_device(_ctx: click.Context, _param: click.Parameter, value: str | Non
 
 
 @contextmanager
-def _launched(device: str, *, progress: bool, **bar: Any) -> Iterator[tuple[Any, int, int]]:
+def _process_group_and_bar(device: str, *, progress: bool, **bar: Any) -> Iterator[tuple[Any, int, int]]:
     """Join the process group a torchrun launch describes (nothing otherwise); yield (progress bar, rank, world
     size), the bar drawn on stderr by rank 0 only."""
     from tqdm import tqdm  # noqa: PLC0415
@@ -419,7 +419,11 @@ def embed_cmd(progress: bool, **opts: Any) -> None:
     cfg = EmbedConfig.from_dict(opts)
     total = len(read_manifest(cfg.data))
     # under torchrun the ranks share the shards
-    with _launched(cfg.device, progress=progress, total=total, desc="embed", unit="img") as (bar, rank, world):
+    with _process_group_and_bar(cfg.device, progress=progress, total=total, desc="embed", unit="img") as (
+        bar,
+        rank,
+        world,
+    ):
         result = run_embed(cfg, on_images=bar.update)
     if rank == 0:
         _emit({**result.to_dict(), "world_size": world})
@@ -479,7 +483,7 @@ def cluster_cmd(
         overwrite=overwrite,
     )
     # under torchrun the ranks share the region embeddings
-    with _launched(device or "cpu", progress=progress, desc="K sweep", unit="K") as (bar, rank, _world):
+    with _process_group_and_bar(device or "cpu", progress=progress, desc="K sweep", unit="K") as (bar, rank, _world):
         result = run_cluster(cfg, on_k=lambda _entry: bar.update(1))
     if rank != 0:
         return
@@ -600,7 +604,7 @@ def finetune_cmd(progress: bool, **opts: Any) -> None:
 
     cfg = FinetuneConfig(**opts)
     # under torchrun: DistributedDataParallel over the ranks
-    with _launched(cfg.device, progress=progress, total=cfg.epochs, desc="finetune", unit="epoch") as (
+    with _process_group_and_bar(cfg.device, progress=progress, total=cfg.epochs, desc="finetune", unit="epoch") as (
         bar,
         rank,
         world,
@@ -635,7 +639,17 @@ def _mitigate_options() -> list[click.Parameter]:
         ),
         field_option(M, "gdro_step", help="Group DRO step size (vl-gdro)."),
         *_training_options(M),
-        field_option(M, "select", type=click.Choice(SELECT), help="Which epoch's weights to keep."),
+        field_option(
+            M,
+            "select",
+            type=click.Choice(SELECT),
+            help="Which epoch's weights to keep (pseudo-group: the best worst pseudo-group accuracy on the audit "
+            "set's selection half).",
+        ),
+        field_option(
+            M, "audit_data", type=click.Path(dir_okay=False), help="Audit manifest (default: the one cluster recorded)."
+        ),
+        field_option(M, "split_seed", help="Seed of the audit set's selection / test halves."),
         field_option(M, "seed"),
         device_option(M),
         resize_option(M),
@@ -652,7 +666,7 @@ def mitigate_cmd(progress: bool, **opts: Any) -> None:
 
     cfg = MitigateConfig(**opts)
     # under torchrun: DistributedDataParallel over the ranks
-    with _launched(cfg.device, progress=progress, total=cfg.epochs, desc=cfg.method, unit="epoch") as (
+    with _process_group_and_bar(cfg.device, progress=progress, total=cfg.epochs, desc=cfg.method, unit="epoch") as (
         bar,
         rank,
         world,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -172,16 +173,16 @@ def _names(
     sums, counts = cluster_means(x, labels, result.k)
     if comm is not None:  # each rank holds a share of the regions
         sums, counts = comm.sum(sums), comm.sum(counts)
-    how = {
-        "vocabulary": str(Path(cfg.vocabulary).resolve()) if cfg.vocabulary is not None else "builtin",
-        "n_phrases": len(phrases),
-        "score": SCORE_RULE,
-        "text_embeddings": "computed at cluster time from the run's model and prompt templates",
-    }
+    how = Naming(
+        vocabulary=str(Path(cfg.vocabulary).resolve()) if cfg.vocabulary is not None else "builtin",
+        n_phrases=len(phrases),
+        score=SCORE_RULE,
+        text_embeddings="computed at cluster time from the run's model and prompt templates",
+    )
     if rank != 0:
-        return None, Naming(**how)
+        return None, how
     names, reason = name_clusters(record, phrases, sums, counts, top=cfg.top_names, checkpoint=cfg.checkpoint)
-    return names, Naming(**how, status="named" if names is not None else "skipped", reason=reason)
+    return names, dataclasses.replace(how, status="named" if names is not None else "skipped", reason=reason)
 
 
 def run_cluster(cfg: ClusterConfig, *, on_k: Callable[[dict[str, Any]], None] | None = None) -> ClusterResult:

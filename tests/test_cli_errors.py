@@ -317,7 +317,14 @@ def test_state_dict_mismatch_is_a_count_not_a_key_dump(tmp_path):
 
 def test_finetune_that_never_beats_epoch_0_warns(tmp_path, dataset, monkeypatch):
     # training that leaves the weights as they were: no epoch can score above the starting model
-    monkeypatch.setattr("ravl_engine.finetune.train_clip", lambda *a, **k: [{"epoch": 1.0, "loss": 0.0}])
+    from ravl_engine.training import LoopResult, snapshot
+
+    def no_gain(model, _optimizer, _idx, _loss, cfg, *, validate, **_kw):
+        value = validate()
+        entry = {"epoch": 1.0, "loss": 0.0, "clip": 0.0, "aux": 0.0, cfg.metric: value}
+        return LoopResult(best_epoch=0, best_val=value, best_state=snapshot(model), history=[entry], step_seconds=0.0)
+
+    monkeypatch.setattr("ravl_engine.finetune.train_loop", no_gain)
     out = tmp_path / "m.pt"
     res = invoke("finetune", "--train", dataset, "--out", out, "--epochs", "2", "--patience", "1", "--no-progress")
     assert res.exit_code == 0, res.output

@@ -275,9 +275,10 @@ def _one_step(method: str, rank: int, world: int):
     import torch
 
     from ravl_engine.distributed import wrap_ddp
-    from ravl_engine.finetune import Towers, make_optimizer
+    from ravl_engine.finetune import make_optimizer
     from ravl_engine.mitigate import MitigateConfig, _class_embeddings, _GroupDRO, mitigation_loss
     from ravl_engine.models import load_clip
+    from ravl_engine.training import ClipWithRegions
 
     loaded = load_clip("ravl-tiny-vit", init_seed=0)
     model = loaded.model
@@ -287,7 +288,7 @@ def _one_step(method: str, rank: int, world: int):
         class_emb = _class_embeddings(model, loaded.tokenizer([t.format(c) for c in range(3) for t in templates]), 3)
     make_optimizer(model, lr=1e-3, weight_decay=0.1, freeze_text=True)  # freezes the text tower
     cfg = MitigateConfig(train="-", discovery="-", out="-", method=method)
-    towers = wrap_ddp(Towers(model), "cpu")
+    towers = wrap_ddp(ClipWithRegions(model), "cpu")
     part = _slice(batch, rank * 8 // world, (rank + 1) * 8 // world)
     model.train()
     loss, _, _ = mitigation_loss(model, part, class_emb, cfg, gdro=_GroupDRO(8, 0.5), towers=towers)
