@@ -57,10 +57,11 @@ def run_setting(work: Path, *, spurious_class: int, color: str, shape: str, args
     # RaVL's filter off (every cluster ranked by gap): at this budget the filter often keeps none, and the question
     # here is the naming of the cluster ranked first, not the filter
     discover = DiscoverConfig(influence_threshold=float("-inf"), two_sign_rule=False)
-    doc = run_cluster(
+    clustered = run_cluster(
         ClusterConfig(run_dir=str(work / "run"), out=str(work / "audit"), vocabulary=str(vocab), report=False,
                       seed=args.seed, discover=discover)
-    ).document  # fmt: skip
+    )  # fmt: skip
+    doc = json.loads(Path(clustered.path).read_text(encoding="utf-8"))
     top = doc["clusters"][0] if doc["clusters"] else {}
     names = [n["phrase"] for n in top.get("names", [])]
     rank_named = next((c["rank"] for c in doc["clusters"] if c.get("names") and c["names"][0]["phrase"] == planted),
