@@ -365,6 +365,14 @@ def cluster_cmd(
 @click.option("--size", default=1.0, show_default=True, help="Feature size as a fraction of the cell.")
 @click.option("--grid", default=2, show_default=True, help="Cells per side.")
 @click.option("--cell", default=28, show_default=True, help="Cell size in pixels.")
+@click.option(
+    "--layout",
+    type=click.Choice(["quadrants", "scene"]),
+    default="quadrants",
+    show_default=True,
+    help="A grid of cells, or objects of varied size at random non-overlapping positions.",
+)
+@click.option("--image-size", default=112, show_default=True, help="Scene image side in pixels (--layout scene).")
 @click.option("--seed", default=0, show_default=True)
 @overwrite_option
 def synth_cmd(**opts: Any) -> None:
