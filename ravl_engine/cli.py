@@ -508,34 +508,20 @@ def mitigate_cmd(progress: bool, clusters: tuple[int, ...], **opts: Any) -> None
     type=click.Path(file_okay=False),
     help="Run directory for the embeddings (default: a temporary one).",
 )
+@click.option(
+    "--counterfactual/--no-counterfactual",
+    default=True,
+    show_default=True,
+    help="Paste the feature into the feature-free images and report how often the prediction flips.",
+)
 @click.option("--device", default="cpu", show_default=True, callback=_device)
 @resize_option
-def evaluate_cmd(
-    data: str,
-    pretrained: str | None,
-    model: str,
-    discovery: str | None,
-    feature: str | None,
-    spurious_class: str | None,
-    work: str | None,
-    device: str,
-    resize: str,
-) -> None:
-    """Image / region overall and worst-group zero-shot accuracy, validity gaps, and Precision@k of a discovery."""
-    from ravl_engine.evaluate import evaluate_checkpoint  # noqa: PLC0415
+def evaluate_cmd(**opts: Any) -> None:
+    """Image / region overall and worst-group zero-shot accuracy (also per region kind), validity gaps, the paired
+    counterfactual flip rate, and Precision@k of a discovery."""
+    from ravl_engine.evaluate import EvaluateConfig, run_evaluate  # noqa: PLC0415
 
-    result = evaluate_checkpoint(
-        data,
-        pretrained=pretrained,
-        model=model,
-        run_dir=work,
-        discovery_path=discovery,
-        feature=feature,
-        spurious_class=spurious_class,
-        device=device,
-        resize=resize,
-    )
-    _emit(result.to_dict())
+    _emit(run_evaluate(EvaluateConfig(**opts)).to_dict())
 
 
 @main.command("demo")
