@@ -1,6 +1,6 @@
 """One scene-level controlled setting end to end: synth --layout scene, finetune the 112 px tiny ResNet from
 scratch, embed with the manifest proposer, cluster, evaluate. Prints one JSON line (validity gaps, Precision@k,
-image / region metrics, timings).
+image / region metrics per region kind, the counterfactual flip rate, timings).
 
     nice -n 10 .venv/bin/python -m bench.bench_scene --out /tmp/scene-bench >> bench/results/scene-DATE.jsonl
 """
@@ -28,7 +28,7 @@ def main() -> None:
     from ravl_engine.cluster import ClusterConfig, run_cluster
     from ravl_engine.controlled import SynthConfig, run_synth
     from ravl_engine.embed import EmbedConfig, run_embed
-    from ravl_engine.evaluate import evaluate_checkpoint
+    from ravl_engine.evaluate import EvaluateConfig, run_evaluate
     from ravl_engine.finetune import FinetuneConfig, run_finetune
 
     out = Path(args.out)
@@ -80,14 +80,16 @@ def main() -> None:
         ClusterConfig(run_dir=str(out / "run"), out=str(out / "audit"), seed=args.seed, overwrite=True)
     )
     lap("cluster")
-    ev = evaluate_checkpoint(
-        synth.eval_manifest,
-        pretrained=tuned.checkpoint,
-        model=args.model,
-        run_dir=out / "run",
-        discovery_path=clustered.path,
-        feature=synth.feature,
-        spurious_class=str(args.spurious_class),
+    ev = run_evaluate(
+        EvaluateConfig(
+            data=synth.eval_manifest,
+            pretrained=tuned.checkpoint,
+            model=args.model,
+            work=str(out / "run"),
+            discovery=clustered.path,
+            feature=synth.feature,
+            spurious_class=str(args.spurious_class),
+        )
     )
     lap("evaluate")
     doc = ev.to_dict()
