@@ -13,48 +13,26 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ravl_engine.distributed import (
-    barrier,
-    gather_with_grad,
-    local_device,
-    local_share,
-    rank_world,
-    sync_buffers,
-    wrap_ddp,
-)
+from ravl_engine.distributed import gather_with_grad, local_device, wrap_ddp
 from ravl_engine.errors import ConfigError
 from ravl_engine.images import check_resize, load_input, normalize
 from ravl_engine.kernels.loss import clip_loss
-from ravl_engine.kernels.roi import region_embed_train
 from ravl_engine.manifest import read_manifest, resolve_classes
 from ravl_engine.models import load_clip
 from ravl_engine.outputs import check_not_input, check_out
-from ravl_engine.shards import write_atomic
+from ravl_engine.training import (  # noqa: F401 (optimizer_step, snapshot, save_checkpoint: re-exported)
+    ClipWithRegions,
+    LoopConfig,
+    LossFn,
+    optimizer_step,
+    save_checkpoint,
+    snapshot,
+    train_loop,
+    write_checkpoint,
+)
 from ravl_engine.zeroshot import DEFAULT_TEMPLATES, class_text_embeddings, zero_shot_probs
 
 logger = logging.getLogger(__name__)
-
-
-class Towers(nn.Module):
-    """The forward pass of one training step as a module, so DistributedDataParallel can wrap it.
-
-    ``forward(images, tokens, boxes)`` -> (image embeddings [B, D], region embeddings [sum K_i, D] or None, caption
-    embeddings [B, D]); with boxes the regions come from the same backbone pass as the images
-    (:func:`ravl_engine.kernels.roi.region_embed_train`).
-    """
-
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self, images: Tensor, tokens: Tensor, boxes: list[Tensor] | None
-    ) -> tuple[Tensor, Tensor | None, Tensor]:
-        if boxes is not None:
-            image_emb, region_emb = region_embed_train(self.model.visual, images, boxes)
-        else:
-            image_emb, region_emb = self.model.encode_image(images), None
-        return image_emb, region_emb, self.model.encode_text(tokens)
 
 
 def schedule_defaults(pretrained: str | None, lr: float | None, freeze_text: bool | None) -> tuple[float, bool]:
@@ -77,15 +55,6 @@ def holdout_split(n: int, fraction: float, seed: int, *, source: str) -> tuple[T
     if n - n_val < 2:
         raise ConfigError(f"{source}: too few images ({n}) to hold out {n_val} for validation")
     return order[:n_val], order[n_val:]
-
-
-def optimizer_step(model: Any, optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
-    """Backward, AdamW step, and CLIP's cap of the logit scale at 100."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    with torch.no_grad():
-        model.logit_scale.clamp_(0, 4.6052)
 
 
 def make_optimizer(model: Any, *, lr: float, weight_decay: float, freeze_text: bool) -> torch.optim.Optimizer:
@@ -124,45 +93,35 @@ def train_clip(
         captions: N captions.
         epochs, batch_size, lr, weight_decay: AdamW training schedule (constant learning rate).
         freeze_text: keep the text tower fixed (the paper's setting for pretrained models).
-        seed: shuffling seed.
+        seed: seeds the run's one shuffling generator.
         optimizer: an optimizer to continue with (from :func:`make_optimizer`); default a new AdamW.
         on_epoch: called with each epoch's stats.
-        towers: the forward pass (:class:`Towers` of ``model``, wrapped by :func:`ravl_engine.distributed.wrap_ddp`
-            under torchrun: each rank then takes its equal share of every batch and the loss is the global batch's).
+        towers: the forward pass (:class:`ravl_engine.training.ClipWithRegions` of ``model``, wrapped by
+            :func:`ravl_engine.distributed.wrap_ddp` under torchrun: each rank then takes its equal share of every
+            batch and the loss is the global batch's).
 
     Returns:
         One dict per epoch: ``epoch``, ``loss`` (mean over batches).
     """
     if len(captions) != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {len(captions)} captions")
-    device = next(model.parameters()).device
-    tokens = tokenizer(list(captions))
     optimizer = optimizer or make_optimizer(model, lr=lr, weight_decay=weight_decay, freeze_text=freeze_text)
-    generator = torch.Generator().manual_seed(seed)
-    world = rank_world()[1]
-    towers = towers if towers is not None else Towers(model)
-    history = []
-    model.train()
-    for epoch in range(1, epochs + 1):
-        order = torch.randperm(images.shape[0], generator=generator)
-        total, batches = 0.0, 0
-        for start in range(0, images.shape[0] - 1, batch_size):
-            idx = order[start : start + batch_size]
-            idx = local_share(idx)
-            if idx.numel() * world < 2:
-                continue
-            image_emb, _, text_emb = towers(images[idx].to(device), tokens[idx].to(device), None)
-            loss = clip_loss(gather_with_grad(image_emb), gather_with_grad(text_emb), model.logit_scale.exp())
-            optimizer_step(model, optimizer, loss)
-            total += loss.item()
-            batches += 1
-        stats = {"epoch": float(epoch), "loss": total / max(1, batches)}
-        history.append(stats)
-        logger.info("epoch %d: loss %.4f", epoch, stats["loss"])
-        if on_epoch is not None:
-            on_epoch(stats)
-    model.eval()
-    return history
+    loop = LoopConfig(epochs=epochs, batch_size=batch_size, patience=epochs, seed=seed)
+    loss_fn = clip_step(model, images, tokenizer(list(captions)), towers or ClipWithRegions(model))
+    result = train_loop(model, optimizer, torch.arange(images.shape[0]), loss_fn, loop, on_epoch=on_epoch)
+    return [{"epoch": h["epoch"], "loss": h["loss"]} for h in result.history]
+
+
+def clip_step(model: Any, images: Tensor, tokens: Tensor, towers: nn.Module) -> LossFn:
+    """The loss of ``finetune`` (and ``mitigate --method standard``): the CLIP loss of the global batch."""
+    device = next(model.parameters()).device
+
+    def loss_fn(idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        image_emb, _, text_emb = towers(images[idx].to(device), tokens[idx].to(device), None)
+        loss = clip_loss(gather_with_grad(image_emb), gather_with_grad(text_emb), model.logit_scale.exp())
+        return loss, loss, loss.new_zeros(())
+
+    return loss_fn
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -230,16 +189,6 @@ class FinetuneResult:
         return dataclasses.asdict(self)
 
 
-def snapshot(model: Any) -> dict[str, Tensor]:
-    """A CPU copy of the model's weights."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def save_checkpoint(path: Path, blob: dict[str, Any]) -> None:
-    """torch.save to a temporary name, then rename: the file is either absent, the old one, or complete."""
-    write_atomic(path, lambda tmp: torch.save(blob, tmp))
-
-
 def load_images(
     paths: Sequence[Path], *, size: int, mean: Sequence[float], std: Sequence[float], resize: str = "squash"
 ) -> tuple[Tensor, Tensor]:
@@ -299,45 +248,18 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: Callable[[dict[str, float]], 
         return -float(clip_loss(emb, txt, model.logit_scale.exp().cpu()))
 
     metric = "zero_shot_accuracy" if labelled else "neg_clip_loss"
-    best = (validate(), 0)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    best_state = snapshot(model)
-    history: list[dict[str, float]] = []
-    stale = 0
     optimizer = make_optimizer(model, lr=lr, weight_decay=cfg.weight_decay, freeze_text=freeze_text)
-    towers = wrap_ddp(Towers(model), cfg.device)
-    for epoch in range(1, cfg.epochs + 1):
-        stats = train_clip(
-            model,
-            loaded.tokenizer,
-            images[train_idx],
-            captions,
-            epochs=1,
-            batch_size=cfg.batch_size,
-            lr=lr,
-            seed=cfg.seed + epoch,
-            optimizer=optimizer,
-            towers=towers,
-        )[0]
-        sync_buffers(model)  # every rank validates the same model
-        value = validate()
-        entry = {"epoch": float(epoch), "loss": stats["loss"], metric: value}
-        history.append(entry)
-        if on_epoch is not None:
-            on_epoch(entry)
-        if value > best[0]:
-            best, stale = (value, epoch), 0
-            best_state = snapshot(model)
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                logger.info("early stop after epoch %d (best epoch %d)", epoch, best[1])
-                break
-    # written once, at the end: an interrupted run leaves no checkpoint that looks finished
-    if rank_world()[0] == 0:
-        save_checkpoint(out, {"arch": loaded.name, "state_dict": best_state, "epoch": best[1], metric: best[0]})
-    barrier()
+    towers = wrap_ddp(ClipWithRegions(model), cfg.device)
+    loss_fn = clip_step(model, images[train_idx], loaded.tokenizer(captions), towers)
+    loop = LoopConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, patience=cfg.patience, seed=cfg.seed, metric=metric)
+    # the indices of the loop are positions in images[train_idx]
+    result = train_loop(
+        model, optimizer, torch.arange(train_idx.numel()), loss_fn, loop, validate=validate, on_epoch=on_epoch
+    )
+    best = (result.best_val, result.best_epoch)
+    write_checkpoint(out, {"arch": loaded.name, "state_dict": result.best_state, "epoch": best[1], metric: best[0]})
     warnings = []
     if best[1] == 0:
         warnings.append(
@@ -350,7 +272,7 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: Callable[[dict[str, float]], 
         best_epoch=best[1],
         best_val=best[0],
         val_metric=metric,
-        history=history,
+        history=result.history,
         n_train=int(train_idx.numel()),
         n_val=int(val_idx.numel()),
         seconds=time.perf_counter() - t0,

@@ -174,8 +174,11 @@ def test_empty_spurious_cluster_and_captions_without_classes(setting, tmp_path):
     no_class.write_text(text)
     with pytest.raises(ConfigError, match="no caption .* names a class"):
         run_mitigate(_cfg(setting, tmp_path, train=str(no_class), work_dir=str(tmp_path / "w")))
-    result = run_mitigate(_cfg(setting, tmp_path, train=str(no_class), work_dir=str(tmp_path / "w"), method="standard"))
+    kw = {"train": str(no_class), "work_dir": str(tmp_path / "w"), "method": "standard"}
+    result = run_mitigate(_cfg(setting, tmp_path, select="accuracy", **kw))
     assert result.captions["none"] == 60 and result.val_metric == "neg_clip_loss"
+    # the default rule scores the audit set's pseudo-groups, which need no class in the fine-tuning captions
+    assert run_mitigate(_cfg(setting, tmp_path, overwrite=True, **kw)).val_metric == "pseudo_group_worst_accuracy"
 
 
 def test_outdated_or_empty_discovery_files(tmp_path):
