@@ -1,17 +1,17 @@
-"""The epoch order of mitigate: every training image once (shuffled), or group-balanced draws (upsampled, vl-gdro)."""
+"""The epoch order of the training loop: every training image once (shuffled), or group-balanced draws (upsampled,
+vl-erm, vl-gdro)."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 
-from ravl_engine.mitigate import _epoch_order
+from ravl_engine.training import balanced_sampler, shuffle_sampler
 
 
 def _order(groups: torch.Tensor, train_idx: torch.Tensor, balanced: bool, seed: int) -> torch.Tensor:
-    """The one place these tests call the sampler (mitigate's epoch order over a set with these groups)."""
-    return _epoch_order(SimpleNamespace(groups=groups), train_idx, balanced, torch.Generator().manual_seed(seed))
+    """The one place these tests call the samplers (the loop's epoch order over a set with these groups)."""
+    sampler = balanced_sampler(groups) if balanced else shuffle_sampler
+    return sampler(train_idx, torch.Generator().manual_seed(seed))
 
 
 def _groups() -> tuple[torch.Tensor, torch.Tensor]:
