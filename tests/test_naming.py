@@ -223,3 +223,19 @@ def test_cli_cluster_bad_vocabulary_and_moved_checkpoint(audited_run, tmp_path):
             assert cluster("back", "--checkpoint", str(moved))["naming"]["status"] == "named"
     finally:
         shutil.move(moved, checkpoint)
+
+
+def test_synth_caption_feature_names_the_feature_exactly_where_it_is_shown(tmp_path):
+    import csv
+
+    from ravl_engine.controlled import SynthConfig, run_synth
+
+    for on in (True, False):
+        result = run_synth(SynthConfig(out=str(tmp_path / str(on)), cramers_v=0.0, n_train=40, n_eval=40,
+                                       color="blue", shape="disk", caption_feature=on))  # fmt: skip
+        with open(result.eval_manifest, encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        shown = ["blue disk" in json.loads(r["region_labels"]) for r in rows]
+        named = [r["caption"].endswith(" with a blue disk") for r in rows]
+        assert 0 < sum(shown) < len(rows)
+        assert named == (shown if on else [False] * len(rows))
