@@ -11,6 +11,7 @@ from ravl_engine.embed import EmbedConfig, run_embed
 from ravl_engine.evaluate import run_evaluate
 from ravl_engine.shards import read_run
 from tests.conftest import write_digit_dataset
+from tests.reportdocs import AUDIT
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +33,30 @@ def _regions(run_dir):
 
 
 def _write(path, clusters):
-    doc = {"format": DISCOVERY_FORMAT, "k": len(clusters), "classes": ["0", "1", "2"], "clusters": clusters}
+    doc = {
+        "format": DISCOVERY_FORMAT,
+        "k": len(clusters),
+        "classes": ["0", "1", "2"],
+        "embedding_dim": 2,
+        "audit": AUDIT,
+        "clusters": clusters,
+        "medoids": [[1.0, 0.0]] * len(clusters),
+    }
     path.write_text(json.dumps(doc))
     return path
 
 
 def _cluster(rank, regions, cls="0"):
-    return {"rank": rank, "cluster_id": rank - 1, "class": cls, "gap": 0.5, "influence": 0.5, "regions": regions}
+    return {
+        "rank": rank,
+        "cluster_id": rank - 1,
+        "class": cls,
+        "gap": 0.5,
+        "influence": 0.5,
+        "table": [],
+        "medoid": [1.0, 0.0],
+        "regions": regions,
+    }
 
 
 def test_precision_counts_the_feature_among_the_top_clusters_first_k_regions(eval_run, tmp_path):
