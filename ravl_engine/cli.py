@@ -526,6 +526,7 @@ def _digits(ctx: Any, param: Any, value: str | None) -> tuple[int, ...] | None:
 
 
 def _synth_options() -> list[click.Parameter]:
+    from ravl_engine.controlled import LAYOUTS  # noqa: PLC0415
     from ravl_engine.controlled import SynthConfig as S  # noqa: PLC0415
 
     return [
@@ -549,6 +550,13 @@ def _synth_options() -> list[click.Parameter]:
         field_option(S, "size", help="Feature size as a fraction of the cell."),
         field_option(S, "grid", help="Cells per side."),
         field_option(S, "cell", help="Cell size in pixels."),
+        field_option(
+            S,
+            "layout",
+            type=click.Choice(LAYOUTS),
+            help="A grid of cells, or objects of varied size at random non-overlapping positions.",
+        ),
+        field_option(S, "image_size", help="Scene image side in pixels (--layout scene)."),
         field_option(S, "seed"),
         _overwrite(S),
     ]
@@ -679,18 +687,22 @@ def mitigate_cmd(progress: bool, **opts: Any) -> None:
 def _evaluate_options() -> list[click.Parameter]:
     # evaluate embeds the manifest with EmbedConfig: its model, device and resize defaults are that config's
     from ravl_engine.embed import EmbedConfig as E  # noqa: PLC0415
+    from ravl_engine.evaluate import EvaluateConfig as V  # noqa: PLC0415
 
     return [
-        click.Option(
-            ["--data"], required=True, type=click.Path(dir_okay=False), help="Evaluation manifest (boxes, labels)."
-        ),
+        field_option(V, "data", type=click.Path(dir_okay=False), help="Evaluation manifest (boxes, labels)."),
         field_option(E, "pretrained", help="Checkpoint or tag of the model to evaluate."),
         field_option(E, "model"),
-        click.Option(["--discovery"], type=click.Path(dir_okay=False), help="discovery.json to score."),
-        click.Option(["--feature"], help="Region label of the spurious feature (default: the only non-class one)."),
-        click.Option(["--spurious-class"], help="Class tested against the feature (default: largest gap)."),
-        click.Option(
-            ["--work"], type=click.Path(file_okay=False), help="Run directory for the embeddings (default: temporary)."
+        field_option(V, "discovery", type=click.Path(dir_okay=False), help="discovery.json to score."),
+        field_option(V, "feature", help="Region label of the spurious feature (default: the only non-class one)."),
+        field_option(V, "spurious_class", help="Class tested against the feature (default: largest gap)."),
+        field_option(
+            V, "work", type=click.Path(file_okay=False), help="Run directory for the embeddings (default: temporary)."
+        ),
+        field_option(
+            V,
+            "counterfactual",
+            help="Paste the feature into the feature-free images and report how often the prediction flips.",
         ),
         device_option(E),
         resize_option(E),
@@ -698,32 +710,12 @@ def _evaluate_options() -> list[click.Parameter]:
 
 
 @_stage("evaluate", _evaluate_options)
-def evaluate_cmd(
-    data: str,
-    pretrained: str | None,
-    model: str,
-    discovery: str | None,
-    feature: str | None,
-    spurious_class: str | None,
-    work: str | None,
-    device: str,
-    resize: str,
-) -> None:
-    """Image / region overall and worst-group zero-shot accuracy, validity gaps, and Precision@k of a discovery."""
-    from ravl_engine.evaluate import evaluate_checkpoint  # noqa: PLC0415
+def evaluate_cmd(**opts: Any) -> None:
+    """Image / region overall and worst-group zero-shot accuracy (also per region kind), validity gaps, the paired
+    counterfactual flip rate, and Precision@k of a discovery."""
+    from ravl_engine.evaluate import EvaluateConfig, run_evaluate  # noqa: PLC0415
 
-    result = evaluate_checkpoint(
-        data,
-        pretrained=pretrained,
-        model=model,
-        run_dir=work,
-        discovery_path=discovery,
-        feature=feature,
-        spurious_class=spurious_class,
-        device=device,
-        resize=resize,
-    )
-    _emit(result.to_dict())
+    _emit(run_evaluate(EvaluateConfig(**opts)).to_dict())
 
 
 def _demo_options() -> list[click.Parameter]:

@@ -5,6 +5,12 @@ feature (a coloured shape), the rest are black. In fine-tuning sets the feature 
 Cramer's V; in evaluation sets it appears with probability 0.5 independently of the class. Manifests follow the
 embedding engine's format: every row carries the cells as boxes, and evaluation rows also the cells' region labels
 (the digit's class name, the feature's name, or "none").
+
+``layout="scene"`` writes larger images (default 112 px) with several objects of varied size at random
+non-overlapping positions: the digit (scaled), 1-3 coloured distractor shapes (any shape x colour but the
+feature's) in every image, and the feature when present. Every object is listed as a box, so the boxes follow the
+objects, not a pooling grid. Region labels: the digit's class name (kind "digit"), the feature's name (kind
+"feature") and ``distractor:<color>-<shape>`` (kind "distractor").
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from ravl_engine.errors import ConfigError
 from ravl_engine.outputs import check_out, staged_dir
 from ravl_engine.shards import write_atomic
 
+LAYOUTS = ("quadrants", "scene")
+DISTRACTOR_PREFIX = "distractor:"
 SHAPES = ("square", "disk", "ring", "triangle", "stripes")
 COLORS = {
     "red": (255, 0, 0),
@@ -95,6 +103,10 @@ class SynthConfig:
         eval_feature_p: probability of the feature in the evaluation set (independent of the class), and in the
             fine-tuning set when ``cramers_v`` is 0.
         seed: everything is drawn from this seed.
+        layout: "quadrants" (a grid of cells, the default) or "scene" (objects at random non-overlapping positions).
+        image_size: side of a scene image in pixels (scene layout only; ``grid`` and ``cell`` are then unused).
+            The digit is scaled to 1/4 .. 3/7 of it (28-48 px at 112), the shapes to 1/7 .. 1/4 (16-28 px at 112,
+            times ``size`` for the feature).
         overwrite: replace an existing non-empty ``out`` (default: refuse). The setting is written aside and
             swapped in whole, so an interrupted run never leaves old and new files mixed.
     """
@@ -114,6 +126,8 @@ class SynthConfig:
     eval_feature_p: float = 0.5
     seed: int = 0
     captions: tuple[str, ...] = field(default=CAPTION_TEMPLATES)
+    layout: str = "quadrants"
+    image_size: int = 112
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -135,6 +149,10 @@ class SynthConfig:
             raise ConfigError(f"classes must be at least 2 distinct digits, got {list(self.classes)}")
         if self.n_train < 2 * len(self.classes) or self.n_eval < 2 * len(self.classes):
             raise ConfigError(f"n_train and n_eval must be >= 2 per class ({2 * len(self.classes)})")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"unknown layout {self.layout!r}; choose one of {', '.join(LAYOUTS)}")
+        if self.layout == "scene" and not 64 <= self.image_size <= 1024:
+            raise ConfigError(f"image_size must be in [64, 1024] pixels for the scene layout, got {self.image_size}")
         if not 0 < self.eval_feature_p < 1:
             raise ConfigError(f"eval_feature_p must be in (0, 1), got {self.eval_feature_p}")
 
@@ -234,6 +252,65 @@ def _cells(cfg: SynthConfig) -> list[list[int]]:
     ]
 
 
+def _scene(
+    digit: np.ndarray, label: str, present: bool, feature_name: str, cfg: SynthConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, list[list[int]], list[str]]:
+    """One scene image: the digit, the feature if ``present``, 1-3 distractors; with their boxes and labels."""
+    from PIL import Image  # noqa: PLC0415
+
+    side = cfg.image_size
+    d = int(rng.integers(side // 4, 3 * side // 7 + 1))
+    grey = np.asarray(Image.fromarray(digit).resize((d, d), Image.Resampling.BILINEAR))
+    patches = [np.repeat(grey[:, :, None], 3, axis=2)]
+    labels = [label]
+    lo, hi = max(8, side // 7), max(8, side // 4)
+    if present:
+        patches.append(feature_patch(cfg.shape, cfg.color, max(4, round(int(rng.integers(lo, hi + 1)) * cfg.size))))
+        labels.append(feature_name)
+    pairs = [(c, s) for s in SHAPES for c in COLORS if (c, s) != (cfg.color, cfg.shape)]
+    for _ in range(int(rng.integers(1, 4))):
+        color, shape = pairs[int(rng.integers(len(pairs)))]
+        patches.append(feature_patch(shape, color, int(rng.integers(lo, hi + 1))))
+        labels.append(f"{DISTRACTOR_PREFIX}{color}-{shape}")
+    boxes = place_boxes([p.shape[0] for p in patches], side, rng)
+    img = np.zeros((side, side, 3), dtype=np.uint8)
+    for (x1, y1, x2, y2), patch in zip(boxes, patches, strict=True):
+        img[y1:y2, x1:x2] = patch
+    return img, boxes, labels
+
+
+def boxes_apart(a: Sequence[float], b: Sequence[float], gap: float = 2) -> bool:
+    """Whether boxes ``[x1, y1, x2, y2]`` are at least ``gap`` pixels apart along x or along y."""
+    return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
+
+
+def place_boxes(
+    sides: Sequence[int], size: int, rng: np.random.Generator, taken: Sequence[Sequence[float]] = ()
+) -> list[list[int]]:
+    """Random positions for squares of the given sides in a ``size`` px image, apart from each other and from
+    ``taken`` (rejection sampling, deterministic for a generator state).
+
+    Raises:
+        ConfigError: no such placement found (the objects do not fit); the fix is a larger image.
+    """
+    for _ in range(200):
+        boxes: list[list[int]] = []
+        for s in sides:
+            for _ in range(100):
+                x, y = (int(v) for v in rng.integers(0, size - s + 1, 2))
+                box = [x, y, x + s, y + s]
+                if all(boxes_apart(box, b) for b in [*taken, *boxes]):
+                    boxes.append(box)
+                    break
+            else:
+                break
+        if len(boxes) == len(sides):
+            return boxes
+    raise ConfigError(
+        f"cannot place objects of sizes {list(sides)} apart in a {size} px image; use a larger image_size"
+    )
+
+
 @dataclass(frozen=True)
 class SynthResult:
     """What synth wrote and the realised association."""
@@ -318,22 +395,26 @@ def _write_sets(
         for i in range(n):
             pool = split[int(y[i])][0 if part == "train" else 1]
             digit = digits[int(rng.choice(pool))]
-            order = rng.permutation(n_cells)
-            feature_cell = int(order[1]) if present[i] else None
-            img = _compose(digit, int(order[0]), feature_cell, patch, cfg)
+            if cfg.layout == "scene":
+                img, boxes, region_labels = _scene(digit, str(int(y[i])), bool(present[i]), feature_name, cfg, rng)
+            else:
+                order = rng.permutation(n_cells)
+                feature_cell = int(order[1]) if present[i] else None
+                img = _compose(digit, int(order[0]), feature_cell, patch, cfg)
+                boxes = cells
+                region_labels = ["none"] * n_cells
+                region_labels[int(order[0])] = str(int(y[i]))
+                if feature_cell is not None:
+                    region_labels[feature_cell] = feature_name
             name = f"{part}/{i:06d}.png"
             Image.fromarray(img).save(out / name)
-            region_labels = ["none"] * n_cells
-            region_labels[int(order[0])] = str(int(y[i]))
-            if feature_cell is not None:
-                region_labels[feature_cell] = feature_name
             row = {
                 "image": name,
                 "label": str(int(y[i])),
                 "caption": cfg.captions[int(rng.integers(len(cfg.captions)))].format(int(y[i])),
                 "split": part,
             }
-            row["boxes"] = json.dumps(cells)  # the cells, so that both sets can use the manifest proposer
+            row["boxes"] = json.dumps(boxes)  # so that both sets can use the manifest proposer
             if part == "eval":
                 row["region_labels"] = json.dumps(region_labels)
             rows.append(row)

@@ -16,7 +16,7 @@ from typing import Any
 from ravl_engine.cluster import ClusterConfig, run_cluster
 from ravl_engine.controlled import SynthConfig, run_synth
 from ravl_engine.embed import EmbedConfig, run_embed
-from ravl_engine.evaluate import run_evaluate
+from ravl_engine.evaluate import evaluate_dir
 from ravl_engine.finetune import FinetuneConfig, run_finetune
 from ravl_engine.images import check_resize
 from ravl_engine.models import DEFAULT_MODEL
@@ -133,7 +133,7 @@ def run_demo(cfg: DemoConfig, *, on_step: Callable[[str], None] | None = None) -
     step("cluster")
     clustered = run_cluster(ClusterConfig(run_dir=str(out / "run"), out=str(out / "audit"), seed=cfg.seed))
     step("evaluate")
-    evaluation = run_evaluate(
+    evaluation = evaluate_dir(
         out / "run", discovery_path=clustered.path, feature=synth.feature, spurious_class=str(cfg.spurious_class)
     )
     step("end")

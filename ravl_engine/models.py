@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).with_name("model_configs")
 TINY_MODELS = ("ravl-tiny-rn", "ravl-tiny-vit")
+# the same towers at 112 px input, for the scene-level controlled sets (``synth --layout scene``)
+TINY_MODELS_112 = ("ravl-tiny-rn-112", "ravl-tiny-vit-112")
 DEFAULT_MODEL = "ravl-tiny-rn"
 # how long to wait for the model hub's name to resolve before treating the machine as offline
 HUB_PROBE_TIMEOUT_S = 3.0
@@ -187,7 +189,7 @@ def load_clip(
     if name not in open_clip.list_models():
         raise ConfigError(
             f"unknown model {name!r}; use an open_clip architecture (open_clip.list_models()), one of "
-            f"{', '.join(TINY_MODELS)}, or hf:PATH_OR_ID for a transformers CLIP folder"
+            f"{', '.join(TINY_MODELS + TINY_MODELS_112)}, or hf:PATH_OR_ID for a transformers CLIP folder"
         )
     sha = None
     weights: str | None = pretrained

@@ -26,6 +26,7 @@ CONFIGS = {
     "finetune": ("ravl_engine.finetune:FinetuneConfig", set()),
     "mitigate": ("ravl_engine.mitigate:MitigateConfig", set()),
     "demo": ("ravl_engine.demo:DemoConfig", set()),
+    "evaluate": ("ravl_engine.evaluate:EvaluateConfig", set()),
 }
 
 

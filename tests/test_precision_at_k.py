@@ -6,12 +6,11 @@ import json
 
 import pytest
 
-from ravl_engine.cluster import DISCOVERY_FORMAT
+from ravl_engine.cluster import DISCOVERY_FORMAT, _audit
 from ravl_engine.embed import EmbedConfig, run_embed
-from ravl_engine.evaluate import run_evaluate
+from ravl_engine.evaluate import evaluate_dir
 from ravl_engine.shards import read_run
 from tests.conftest import write_digit_dataset
-from tests.reportdocs import AUDIT
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +31,17 @@ def _regions(run_dir):
     return out
 
 
-def _write(path, clusters):
+def _write(path, clusters, run_dir):
+    """A discovery.json of these clusters, audited on ``run_dir`` (placeholder medoids: Precision@k reads only the
+    regions)."""
     doc = {
         "format": DISCOVERY_FORMAT,
-        "k": len(clusters),
+        "k": max(1, len(clusters)),
         "classes": ["0", "1", "2"],
         "embedding_dim": 2,
-        "audit": AUDIT,
+        "audit": _audit(json.loads((run_dir / "manifest.json").read_text())),
         "clusters": clusters,
-        "medoids": [[1.0, 0.0]] * len(clusters),
+        "medoids": [[1.0, 0.0]] * max(1, len(clusters)),
     }
     path.write_text(json.dumps(doc))
     return path
@@ -68,8 +69,8 @@ def test_precision_counts_the_feature_among_the_top_clusters_first_k_regions(eva
     top = [square[0], square[1], other[0], square[2], other[1], other[2], square[3], other[3], other[4], other[5]]
     top += other[6:26]
     # a second-ranked cluster of squares only must not count: Precision@k is about the top cluster
-    path = _write(tmp_path / "discovery.json", [_cluster(1, top, "2"), _cluster(2, square[4:8])])
-    result = run_evaluate(eval_run / "run", discovery_path=path, feature="square", spurious_class="0")
+    path = _write(tmp_path / "discovery.json", [_cluster(1, top, "2"), _cluster(2, square[4:8])], eval_run / "run")
+    result = evaluate_dir(eval_run / "run", discovery_path=path, feature="square", spurious_class="0")
     assert result.precision_at_k == pytest.approx({"p@10": 4 / 10, "p@25": 4 / 25})
     assert result.top_cluster_class == "2"
 
@@ -82,8 +83,8 @@ def test_boxes_match_to_two_decimals_and_other_images_never_match(eval_run, tmp_
     moved = {**square[1], "box": [v + 0.5 for v in square[1]["box"]]}  # another box
     elsewhere = {**square[2], "image": next(i for i in images if i != square[2]["image"])}
     unknown = {**square[3], "image": "img/not-in-the-run.png"}
-    path = _write(tmp_path / "d.json", [_cluster(1, [nudged, moved, elsewhere, unknown])])
-    result = run_evaluate(eval_run / "run", discovery_path=path, feature="square", spurious_class="0")
+    path = _write(tmp_path / "d.json", [_cluster(1, [nudged, moved, elsewhere, unknown])], eval_run / "run")
+    result = evaluate_dir(eval_run / "run", discovery_path=path, feature="square", spurious_class="0")
     # only the nudged box is the same region; the box in another image holds a square only if that image has one
     # there, so it is checked against the run's own labels
     truth = {(r["image"], tuple(r["box"])): label for r, label in regions}
@@ -92,8 +93,8 @@ def test_boxes_match_to_two_decimals_and_other_images_never_match(eval_run, tmp_
 
 
 def test_no_cluster_gives_zero_precision_and_no_class(eval_run, tmp_path):
-    path = _write(tmp_path / "empty.json", [])
-    result = run_evaluate(eval_run / "run", discovery_path=path, feature="square", spurious_class="0")
+    path = _write(tmp_path / "empty.json", [], eval_run / "run")
+    result = evaluate_dir(eval_run / "run", discovery_path=path, feature="square", spurious_class="0")
     assert result.precision_at_k == {"p@10": 0.0, "p@25": 0.0} and result.top_cluster_class is None
-    no_discovery = run_evaluate(eval_run / "run", feature="square", spurious_class="0")
+    no_discovery = evaluate_dir(eval_run / "run", feature="square", spurious_class="0")
     assert no_discovery.precision_at_k is None
