@@ -91,7 +91,7 @@ def run_dir_case(folder: Path) -> dict[str, Any]:
     run_embed(EmbedConfig(data=str(manifest), out=str(folder / "run"), shard_size=8, batch_size=4))
     cfg = ClusterConfig(run_dir=str(folder / "run"), out=str(folder / "out"), report=False, names=False)
     result = run_cluster(cfg)
-    doc = result.document
+    doc = result.document.to_dict()
     out = summarize(result.discovery)
     out["document"] = {
         "format": doc["format"],

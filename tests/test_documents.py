@@ -166,7 +166,7 @@ def arrays_document(tmp_path_factory, planted_small_module):
 
 @pytest.fixture(scope="module")
 def planted_small_module():
-    from ravl_engine.synth import planted_embeddings
+    from ravl_engine.planted import planted_embeddings
 
     return planted_embeddings(1200, dim=32, num_classes=4, seed=3)
 

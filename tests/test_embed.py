@@ -173,7 +173,7 @@ def test_cli_embed_then_cluster_writes_discovery_json(dataset, tmp_path):
     assert doc["k"] == 6 and doc["classes"] == ["0", "1", "2"]
     # the random-init tower need not tie anything to a class: with no filter, the same writer lists all 6 clusters
     every = DiscoverConfig(k=6, influence_threshold=-math.inf, two_sign_rule=False)
-    doc = run_cluster(ClusterConfig(run_dir=str(run_dir), out=str(tmp_path / "all"), discover=every)).document
+    doc = run_cluster(ClusterConfig(run_dir=str(run_dir), out=str(tmp_path / "all"), discover=every)).document.to_dict()
     assert len(doc["clusters"]) == 6
     for rank, cluster in enumerate(doc["clusters"], start=1):
         assert cluster["rank"] == rank and cluster["class"] in doc["classes"]
