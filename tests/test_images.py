@@ -185,7 +185,7 @@ def test_decoding_in_dataloader_workers_gives_the_same_run(tmp_path):
 
 
 def test_mitigate_embeds_and_letterboxes_as_the_audit_did(tmp_path, monkeypatch):
-    from ravl_engine import mitigate as mitigate_module
+    from ravl_engine import mitigate_prep
     from ravl_engine.mitigate import MitigateConfig, run_mitigate
 
     data, _ = _solid_setting(tmp_path)
@@ -194,8 +194,33 @@ def test_mitigate_embeds_and_letterboxes_as_the_audit_did(tmp_path, monkeypatch)
         "k": 2,
         "classes": ["a", "b"],
         "embedding_dim": 2,
-        "audit": {"model": {"name": "ravl-tiny-rn", "pretrained": None}, "resize": "pad"},
-        "clusters": [{"rank": 1, "cluster_id": 0, "class": "a", "gap": 1.0, "influence": 1.0, "regions": []}],
+        "audit": {
+            "model": {"name": "ravl-tiny-rn", "pretrained": None, "checkpoint_sha256": None},
+            "proposer": {
+                "name": "quadrants",
+                "options": {},
+                "max_boxes": None,
+                "min_box_size": 1.0,
+                "score_threshold": None,
+                "whole_image": False,
+            },
+            "region_mode": "roi",
+            "resize": "pad",
+            "templates": ["a photo of {}."],
+            "run_dir_data": None,
+        },
+        "clusters": [
+            {
+                "rank": 1,
+                "cluster_id": 0,
+                "class": "a",
+                "gap": 1.0,
+                "influence": 1.0,
+                "table": [],
+                "medoid": [1.0, 0.0],
+                "regions": [],
+            }
+        ],
         "medoids": [[1.0, 0.0], [0.0, 1.0]],
     }
     (tmp_path / "d.json").write_text(json.dumps(doc))
@@ -207,9 +232,11 @@ def test_mitigate_embeds_and_letterboxes_as_the_audit_did(tmp_path, monkeypatch)
         seen.append(resize)
         raise RuntimeError("stop")
 
-    monkeypatch.setattr(mitigate_module, "_embed_regions", stop)
+    monkeypatch.setattr(mitigate_prep, "embed_regions", stop)
     for given, expected in ((None, "pad"), ("squash", "squash")):
-        cfg = MitigateConfig(train=str(train), discovery=str(tmp_path / "d.json"), out=str(tmp_path / "m.pt"))
+        cfg = MitigateConfig(
+            train=str(train), discovery=str(tmp_path / "d.json"), out=str(tmp_path / "m.pt"), select="last"
+        )
         with pytest.raises(RuntimeError, match="stop"):
             run_mitigate(dataclasses.replace(cfg, resize=given))
         assert seen[-1] == expected
