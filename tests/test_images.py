@@ -28,6 +28,7 @@ from ravl_engine.images import (
 )
 from ravl_engine.models import load_clip
 from ravl_engine.shards import read_run
+from tests.conftest import minimal_discovery
 
 
 def test_gray16_png_is_scaled_by_its_bit_depth_not_clipped(tmp_path):
@@ -189,40 +190,7 @@ def test_mitigate_embeds_and_letterboxes_as_the_audit_did(tmp_path, monkeypatch)
     from ravl_engine.mitigate import MitigateConfig, run_mitigate
 
     data, _ = _solid_setting(tmp_path)
-    doc = {
-        "format": "ravl-engine-discovery/1",
-        "k": 2,
-        "classes": ["a", "b"],
-        "embedding_dim": 2,
-        "audit": {
-            "model": {"name": "ravl-tiny-rn", "pretrained": None, "checkpoint_sha256": None},
-            "proposer": {
-                "name": "quadrants",
-                "options": {},
-                "max_boxes": None,
-                "min_box_size": 1.0,
-                "score_threshold": None,
-                "whole_image": False,
-            },
-            "region_mode": "roi",
-            "resize": "pad",
-            "templates": ["a photo of {}."],
-            "run_dir_data": None,
-        },
-        "clusters": [
-            {
-                "rank": 1,
-                "cluster_id": 0,
-                "class": "a",
-                "gap": 1.0,
-                "influence": 1.0,
-                "table": [],
-                "medoid": [1.0, 0.0],
-                "regions": [],
-            }
-        ],
-        "medoids": [[1.0, 0.0], [0.0, 1.0]],
-    }
+    doc = minimal_discovery(resize="pad")
     (tmp_path / "d.json").write_text(json.dumps(doc))
     train = tmp_path / "train.csv"
     train.write_text("image,caption\nwide.png,a photo of a\n")

@@ -14,6 +14,7 @@ from ravl_engine import controlled as controlled_module
 from ravl_engine.cli import main
 from ravl_engine.controlled import SynthConfig, run_synth
 from ravl_engine.outputs import check_not_input, staged_dir
+from tests.conftest import minimal_discovery
 
 
 def _tree(folder):
@@ -108,15 +109,7 @@ def test_mitigate_and_finetune_refuse_to_write_over_their_inputs_even_with_overw
     digest = hashlib.sha256(model.read_bytes()).hexdigest()
     train = tmp_path / "train.csv"
     train.write_text("image,caption\nx.png,a photo\n")
-    doc = {
-        "format": "ravl-engine-discovery/1",
-        "k": 2,
-        "classes": ["a", "b"],
-        "embedding_dim": 2,
-        "audit": {"model": {"name": "ravl-tiny-rn", "pretrained": str(model), "checkpoint_sha256": digest}},
-        "clusters": [{"rank": 1, "cluster_id": 0, "class": "a", "gap": 1.0, "influence": 1.0, "regions": []}],
-        "medoids": [[1.0, 0.0], [0.0, 1.0]],
-    }
+    doc = minimal_discovery(model={"name": "ravl-tiny-rn", "pretrained": str(model), "checkpoint_sha256": digest})
     discovery = tmp_path / "discovery.json"
     discovery.write_text(json.dumps(doc))
     base = ["mitigate", "--train", str(train), "--discovery", str(discovery), "--no-progress", "--overwrite"]

@@ -64,7 +64,7 @@ def test_every_data_file_of_the_package_is_declared():
                 missing.append(f"{folder}/{rel}")
     assert not missing, f"add to [tool.setuptools.package-data]: {missing}"
     configs = sorted((ROOT / "ravl_engine" / "model_configs").glob("*.json"))
-    assert [p.stem for p in configs] == ["ravl-tiny-rn", "ravl-tiny-vit"]
+    assert sorted(p.stem for p in configs) == ["ravl-tiny-rn", "ravl-tiny-rn-112", "ravl-tiny-vit", "ravl-tiny-vit-112"]
 
 
 def test_the_default_model_config_is_found_through_the_package():

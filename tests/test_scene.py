@@ -129,7 +129,7 @@ def test_synth_scene_cli_and_proposers(tmp_path):
     summary = json.loads(res.stdout)
     rows = read_manifest(summary["eval_manifest"])
     assert len(rows) == 20 and np.asarray(Image.open(rows[0].path)).shape == (96, 96, 3)
-    from proposers import build_proposer
+    from ravl_engine.proposers import build_proposer
 
     image = Image.open(rows[0].path).convert("RGB")
     for name, kw in (("grid", {"rows": 3, "cols": 3}), ("manifest", {})):

@@ -74,7 +74,7 @@ def test_grid_and_rpn_proposers_on_scene_images(tmp_path, scene):
     assert run.data.num_regions.tolist() == [9] * len(rows)
     labels = set(run.data.region_labels)
     assert labels <= {""} | {lab for r in rows for lab in r.region_labels}  # matched by IoU >= 0.5, or unlabelled
-    from proposers import build_proposer
+    from ravl_engine.proposers import build_proposer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
