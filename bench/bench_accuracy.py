@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
                             epochs=args.epochs,
                             seed=seed,
                         )
-                    )
+                    ).to_dict()
                     labels = np.array(read_run(Path(tmp) / "run").data.region_labels)
                     random_p10 = float(np.mean(labels == summary["planted"]["feature"]))
                 print(

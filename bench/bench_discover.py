@@ -47,7 +47,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     import torch  # noqa: PLC0415
 
     from ravl_engine import DiscoverConfig, discover  # noqa: PLC0415
-    from ravl_engine.synth import planted_embeddings, precision_at_k  # noqa: PLC0415
+    from ravl_engine.planted import planted_embeddings, precision_at_k  # noqa: PLC0415
 
     regions, dim = _parse_config(args.configs)
     t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """Distributed discovery benchmark: the sharded K-medoids discovery on N ranks (gloo, CPU) vs one process.
 
-The planted set (``ravl_engine.synth.planted_embeddings``) is generated once and saved; every rank memory-maps it
+The planted set (``ravl_engine.planted.planted_embeddings``) is generated once and saved; every rank memory-maps it
 and copies only its contiguous share of the region embeddings (the other arrays are small and whole on every rank),
 as ``ravl-engine cluster`` does under torchrun. Prints one JSON line per world size: wall seconds from the first
 collective to the result, each rank's peak RSS, the chosen K, the top cluster's Precision@10 against the planted
@@ -34,10 +34,10 @@ def _rank(rank: int, world: int, port: int, folder: str, threads: int, seed: int
     import numpy as np
     import torch
     import torch.distributed as dist
-    from ravl_engine.kernels.sharded import TorchComm
 
     from ravl_engine.config import DiscoverConfig
     from ravl_engine.discover import run_discover
+    from ravl_engine.distributed import TorchComm
 
     torch.set_num_threads(threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
     import torch
 
-    from ravl_engine.synth import planted_embeddings
+    from ravl_engine.planted import planted_embeddings
 
     with tempfile.TemporaryDirectory() as folder:
         data = planted_embeddings(args.regions, dim=args.dim, num_classes=args.classes, seed=args.seed)

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
                             lr=args.lr,
                             seed=seed,
                         )
-                    )
+                    ).to_dict()
                     data = out / "data"
                     for method in methods:
                         t0 = time.perf_counter()

@@ -38,9 +38,21 @@ def _document(folder: Path, *, regions: int, clusters: int, images: int, dim: in
          "n_absent": 500}
         for c in range(10)
     ]  # fmt: skip
+    proposer = {"name": "quadrants", "options": {}, "max_boxes": None, "min_box_size": 1.0, "score_threshold": None,
+                "whole_image": False}  # fmt: skip
     return {
+        "format": "ravl-engine-discovery/1",
         "k": k,
         "classes": [str(c) for c in range(10)],
+        "embedding_dim": dim,
+        "audit": {
+            "model": {"name": "ravl-tiny-rn", "pretrained": None, "checkpoint_sha256": None},
+            "proposer": proposer,
+            "region_mode": "roi",
+            "resize": "squash",
+            "templates": ["a photo of a {}."],
+            "run_dir_data": str(folder / "eval.csv"),
+        },  # fmt: skip
         "naming": {"status": "named", "score": "synthetic"},
         "cluster_sizes": [per] * k,
         "medoids": medoids.tolist(),
@@ -55,6 +67,7 @@ def _document(folder: Path, *, regions: int, clusters: int, images: int, dim: in
                 "n_regions": per,
                 "n_images": min(per, images),
                 "table": table,
+                "medoid": medoids[r].tolist(),
                 "regions": [
                     {"image": f"img/{(r * per + j) % images:05d}.png", "box": [8.0, 8.0, 72.0, 64.0], "similarity": 0.9}
                     for j in range(per)
@@ -74,11 +87,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
+    from ravl_engine.documents import Discovery
     from ravl_engine.report import write_report
 
     folder = Path(tempfile.mkdtemp(prefix="ravl-bench-report-"))
     try:
-        doc = _document(folder, regions=args.regions, clusters=args.clusters, images=args.images, dim=args.dim)
+        doc = Discovery.from_dict(
+            _document(folder, regions=args.regions, clusters=args.clusters, images=args.images, dim=args.dim)
+        )
         t0 = time.perf_counter()
         path = write_report(doc, folder / "report.html", image_folder=folder)
         render_s = time.perf_counter() - t0

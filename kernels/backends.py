@@ -19,6 +19,7 @@ import logging
 from typing import Any, Protocol
 
 import torch
+from ravl_engine.kernels.errors import BackendUnavailableError
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
@@ -75,9 +76,7 @@ def _import_faiss() -> Any:
     try:
         import faiss  # noqa: PLC0415  (heavy import kept lazy on purpose)
     except ImportError as err:
-        from ravl_engine.errors import BackendError  # noqa: PLC0415
-
-        raise BackendError(
+        raise BackendUnavailableError(
             "backend 'faiss' needs the faiss package: pip install faiss-gpu (Linux x86_64) or faiss-cpu; "
             "or use backend 'torch'"
         ) from err
@@ -147,7 +146,7 @@ def get_backend(name: str, *, device: torch.device, block_size: int = DEFAULT_BL
 
     Raises:
         ValueError: unknown name.
-        BackendError: "faiss" requested but not importable.
+        BackendUnavailableError: "faiss" requested but not importable (an ImportError).
     """
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {', '.join(BACKEND_NAMES)}; got {name!r}")

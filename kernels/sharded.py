@@ -12,10 +12,11 @@ all rows is a local computation followed by one collective:
   global indices within the tie tolerance of it: the lowest index among (near-)ties, as in one process;
 - silhouette and objective: all-reduced sums of the per-row terms.
 
-The functions are written once against :class:`Comm`; :class:`LocalComm` (world size 1) makes them the plain
-search-strategy K-medoids, and the results equal :func:`~ravl_engine.kernels.kmedoids.kmedoids_sweep` with
-``strategy="search"`` (tests), while :class:`TorchComm` runs the same code on a process group (gloo on CPU, NCCL on
-GPU).
+The functions are written once against :class:`~ravl_engine.kernels.comm.Comm`; with
+:class:`~ravl_engine.kernels.comm.LocalComm` (world size 1) :func:`sharded_fit` is the one-process search strategy
+(:func:`fit_kmedoids_search`, which :func:`~ravl_engine.kernels.kmedoids.kmedoids_sweep` runs for
+``strategy="search"``), while ``ravl_engine.distributed.TorchComm`` runs the same code on a process group (gloo on
+CPU, NCCL on GPU).
 """
 
 from __future__ import annotations
@@ -23,105 +24,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import replace
+from typing import Any
 
 import torch
 from ravl_engine.kernels.backends import DEFAULT_BLOCK_SIZE, ClusterBackend, TorchBackend
-from ravl_engine.kernels.kmedoids import _distance, _medoid_scores_blocked, squared_norms, tie_tolerance
+from ravl_engine.kernels.comm import Comm, LocalComm, Shard
+from ravl_engine.kernels.cosine import distance, medoid_scores_blocked, squared_norms, tie_tolerance
 from ravl_engine.kernels.silhouette import silhouette_from_gram, silhouette_is_defined
+from ravl_engine.kernels.sweep import KMedoidsResult, SweepResult, check_ks, run_sweep
 from torch import Tensor
 
-
-class Comm(Protocol):
-    """The collectives the sharded K-medoids needs; every rank calls each one in the same order."""
-
-    rank: int
-    world: int
-
-    def sum(self, t: Tensor) -> Tensor: ...
-    def max(self, t: Tensor) -> Tensor: ...
-    def min(self, t: Tensor) -> Tensor: ...
-    def gather(self, t: Tensor) -> Tensor:
-        """Concatenate every rank's tensor along dim 0, in rank order (lengths may differ)."""
-        ...
-
-
-class LocalComm:
-    """World size 1: every collective is the identity."""
-
-    rank = 0
-    world = 1
-
-    def sum(self, t: Tensor) -> Tensor:
-        return t
-
-    def max(self, t: Tensor) -> Tensor:
-        return t
-
-    def min(self, t: Tensor) -> Tensor:
-        return t
-
-    def gather(self, t: Tensor) -> Tensor:
-        return t
-
-
-class TorchComm:
-    """torch.distributed collectives on the default process group (must be initialised)."""
-
-    def __init__(self) -> None:
-        import torch.distributed as dist  # noqa: PLC0415
-
-        self._dist = dist
-        self.rank = dist.get_rank()
-        self.world = dist.get_world_size()
-
-    def _reduce(self, t: Tensor, op: Any) -> Tensor:
-        out = t.clone()
-        self._dist.all_reduce(out, op=op)
-        return out
-
-    def sum(self, t: Tensor) -> Tensor:
-        return self._reduce(t, self._dist.ReduceOp.SUM)
-
-    def max(self, t: Tensor) -> Tensor:
-        return self._reduce(t, self._dist.ReduceOp.MAX)
-
-    def min(self, t: Tensor) -> Tensor:
-        return self._reduce(t, self._dist.ReduceOp.MIN)
-
-    def gather(self, t: Tensor) -> Tensor:
-        n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
-        sizes = [torch.zeros_like(n) for _ in range(self.world)]
-        self._dist.all_gather(sizes, n)
-        longest = int(max(int(s) for s in sizes))
-        padded = t.new_zeros((longest, *t.shape[1:]))
-        padded[: t.shape[0]] = t
-        parts = [torch.zeros_like(padded) for _ in range(self.world)]
-        self._dist.all_gather(parts, padded)
-        return torch.cat([p[: int(s)] for p, s in zip(parts, sizes, strict=True)])
-
-
-@dataclass(frozen=True)
-class Shard:
-    """This rank's rows: ``x`` [n_local, D] unit rows, global rows ``offset .. offset + n_local`` of ``total``."""
-
-    x: Tensor
-    offset: int
-    total: int
-
-    @classmethod
-    def of(cls, x: Tensor, comm: Comm) -> Shard:
-        counts = comm.gather(torch.tensor([x.shape[0]], dtype=torch.int64))
-        return cls(x=x, offset=int(counts[: comm.rank].sum()), total=int(counts.sum()))
-
-    def rows(self, index: Tensor, comm: Comm) -> Tensor:
-        """The vectors of global rows ``index`` [M] on every rank ([M, D]): owners contribute, the rest add 0."""
-        local = index - self.offset
-        mine = (local >= 0) & (local < self.x.shape[0])
-        out = self.x.new_zeros(index.shape[0], self.x.shape[1])
-        out[mine] = self.x[local[mine]]
-        return comm.sum(out)
+__all__ = ["Comm", "LocalComm", "Shard", "fit_kmedoids_search", "sharded_fit", "sharded_pp_init", "sharded_sweep"]
 
 
 def sharded_pp_init(
@@ -132,7 +46,7 @@ def sharded_pp_init(
     generator: torch.Generator,
     n_trials: int | None = None,
 ) -> Tensor:
-    """Greedy k-medoids++ seeding (as :func:`~ravl_engine.kernels.kmedoids.kmedoids_pp_init`, unclipped), sharded.
+    """Greedy k-medoids++ seeding (as :func:`~ravl_engine.kernels.seeding.kmedoids_pp_init`, unclipped), sharded.
 
     Returns:
         [n_centers] int64 global row indices, the same on every rank.
@@ -146,7 +60,7 @@ def sharded_pp_init(
     first = int(torch.randint(n, (1,), generator=generator))
     centers[0] = first
     _mark(is_center, first, shard)
-    closest = _distance(x @ shard.rows(torch.tensor([first]), comm)[0], False).square_()
+    closest = distance(x @ shard.rows(torch.tensor([first]), comm)[0], False).square_()
     for j in range(1, n_centers):
         u = torch.rand(trials, generator=generator, dtype=torch.float64)
         cumulative = torch.cumsum(closest, 0)
@@ -165,7 +79,7 @@ def sharded_pp_init(
             low = comm.min(free if free.numel() else torch.tensor([n]))
             cand = low.repeat(trials)
         cand_sims = shard.rows(cand, comm) @ x.T  # [trials, n_local]
-        new_closest = torch.minimum(closest, _distance(cand_sims, False).square_())
+        new_closest = torch.minimum(closest, distance(cand_sims, False).square_())
         best = int(comm.sum(new_closest.sum(1).cpu()).argmin())
         chosen = int(cand[best])
         centers[j] = chosen
@@ -179,19 +93,6 @@ def _mark(is_center: Tensor, row: int, shard: Shard) -> None:
         is_center[row - shard.offset] = True
 
 
-@dataclass(frozen=True)
-class ShardedFit:
-    """One K-medoids fit over sharded rows: ``labels`` are this rank's rows', ``medoids`` global row indices."""
-
-    medoids: Tensor
-    labels: Tensor
-    n_iter: int
-    converged: bool
-    objective: float
-    silhouette: float
-    stats: list[dict[str, Any]] = field(default_factory=list)
-
-
 def sharded_fit(
     shard: Shard,
     init: Tensor,
@@ -202,9 +103,9 @@ def sharded_fit(
     with_silhouette: bool = True,
     block_size: int = DEFAULT_BLOCK_SIZE,
     sq_norms: Tensor | None = None,
-) -> ShardedFit:
+) -> KMedoidsResult:
     """Alternating cosine K-medoids from global init rows ``init`` [K] (the search strategy's iteration; with
-    :class:`LocalComm` it is :func:`~ravl_engine.kernels.kmedoids.fit_kmedoids_search`). ``sq_norms``: this rank's."""
+    :class:`LocalComm` it is :func:`fit_kmedoids_search`). ``sq_norms``: this rank's."""
     x, k = shard.x, int(init.numel())
     backend = backend or TorchBackend(block_size=block_size)
     sq_norms = squared_norms(x) if sq_norms is None else sq_norms
@@ -216,7 +117,7 @@ def sharded_fit(
     for it in range(1, max_iter + 1):
         sums = comm.sum(torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x))
         counts = comm.sum(torch.bincount(labels, minlength=k))
-        score = _medoid_scores_blocked(x, labels, sums, sq_norms, block_size)
+        score = medoid_scores_blocked(x, labels, sums, sq_norms, block_size)
         top = torch.full((k,), float("-inf"), dtype=score.dtype, device=x.device)
         top = comm.max(top.scatter_reduce(0, labels, score, reduce="amax", include_self=True))
         tol = tie_tolerance(x, counts).to(x.device)
@@ -235,7 +136,7 @@ def sharded_fit(
         if moved == 0:
             converged, n_iter = True, it
             break
-    dist = _distance(sims, False)
+    dist = distance(sims, False)
     local = medoids - shard.offset
     own = (local >= 0) & (local < x.shape[0])
     dist[local[own].to(x.device)] = 0.0
@@ -248,7 +149,7 @@ def sharded_fit(
         total = comm.sum(total.reshape(1).cpu())[0]
         if bool(silhouette_is_defined(counts, shard.total)):
             silhouette = float(total) / shard.total
-    return ShardedFit(
+    return KMedoidsResult(
         medoids=medoids,
         labels=labels,
         n_iter=n_iter,
@@ -259,17 +160,42 @@ def sharded_fit(
     )
 
 
-@dataclass(frozen=True)
-class ShardedSweep:
-    """The best fit of a sharded K sweep (``fit.labels``: this rank's rows), every K's silhouette, and this rank's
-    place among the rows (``shard``)."""
+def fit_kmedoids_search(
+    x: Tensor,
+    init: Tensor,
+    *,
+    backend: ClusterBackend,
+    max_iter: int = 300,
+    sq_norms: Tensor | None = None,
+    with_silhouette: bool = False,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> KMedoidsResult:
+    """The "search" strategy: :func:`sharded_fit` in one process (all rows, :class:`LocalComm`), medoids on x's device.
 
-    k: int
-    fit: ShardedFit
-    silhouettes: dict[int, float]
-    stats: list[dict[str, Any]]
-    shard: Shard
-    strategy: str = "sharded"
+    The same iteration as :func:`~ravl_engine.kernels.kmedoids.fit_kmedoids` without any [K, N] table (unclipped
+    only): each iteration assigns by top-1 search of the medoids (``backend``: Faiss IndexFlatIP or blocked matmul)
+    and scores members against the cluster sums in row blocks. O(N K d) time per iteration, O(N + K d) extra memory.
+    Ties between equidistant medoids follow the backend (the torch backend takes the lowest index, like the cached
+    strategy; Faiss does not promise an order).
+
+    Args:
+        x: [N, D] float, L2-normalised rows.
+        init: [K] int64 distinct row indices.
+        backend: top-1 search backend.
+        max_iter, sq_norms, with_silhouette, block_size: as in
+            :func:`~ravl_engine.kernels.kmedoids.fit_kmedoids_batch`.
+    """
+    fit = sharded_fit(
+        Shard(x=x, offset=0, total=x.shape[0]),
+        init,
+        LocalComm(),
+        backend=backend,
+        max_iter=max_iter,
+        with_silhouette=with_silhouette,
+        block_size=block_size,
+        sq_norms=sq_norms,
+    )
+    return replace(fit, medoids=fit.medoids.to(x.device))
 
 
 def sharded_sweep(
@@ -283,7 +209,7 @@ def sharded_sweep(
     backend: ClusterBackend | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     on_k: Callable[[dict[str, Any]], None] | None = None,
-) -> ShardedSweep:
+) -> SweepResult:
     """K sweep over sharded rows: one k-medoids++ draw, a fit per K, the best silhouette wins (smallest K on ties).
 
     Args:
@@ -293,32 +219,17 @@ def sharded_sweep(
         generator: CPU generator, seeded alike on every rank.
     """
     shard = Shard.of(x, comm)
-    ks = sorted(set(int(k) for k in ks))
-    if not ks or ks[0] < 2 or ks[-1] > shard.total - 1:
-        raise ValueError(f"every K must be in [2, {shard.total - 1}] for {shard.total} rows; got {ks}")
+    ks = check_ks(ks, shard.total)
     t0 = time.perf_counter()
     centers = sharded_pp_init(shard, ks[-1], comm, generator=generator, n_trials=n_trials)
-    init_seconds = time.perf_counter() - t0
-    best: tuple[float, int, ShardedFit] | None = None
-    silhouettes: dict[int, float] = {}
-    stats: list[dict[str, Any]] = []
-    for i, k in enumerate(ks):
-        t0 = time.perf_counter()
-        fit = sharded_fit(shard, centers[:k], comm, backend=backend, max_iter=max_iter, block_size=block_size)
-        entry = {
-            "k": k,
-            "silhouette": fit.silhouette,
-            "n_iter": fit.n_iter,
-            "converged": fit.converged,
-            "objective": fit.objective,
-            "seconds": time.perf_counter() - t0 + (init_seconds if i == 0 else 0.0),
-        }
-        silhouettes[k] = fit.silhouette
-        stats.append(entry)
-        if on_k is not None:
-            on_k(entry)
-        key = float("-inf") if math.isnan(fit.silhouette) else fit.silhouette
-        if best is None or key > best[0]:
-            best = (key, k, fit)
-    assert best is not None
-    return ShardedSweep(k=best[1], fit=best[2], silhouettes=silhouettes, stats=stats, shard=shard)
+    return run_sweep(
+        [[k] for k in ks],
+        lambda group: [
+            sharded_fit(shard, centers[:k], comm, backend=backend, max_iter=max_iter, block_size=block_size)
+            for k in group
+        ],
+        init_seconds=time.perf_counter() - t0,
+        strategy="sharded",
+        on_k=on_k,
+        shard=shard,
+    )

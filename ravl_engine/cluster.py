@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -13,9 +14,19 @@ import torch
 
 from ravl_engine.config import DiscoverConfig, config_from_dict
 from ravl_engine.discover import DiscoveryResult, run_discover
-from ravl_engine.distributed import barrier, rank_world
+from ravl_engine.distributed import TorchComm, barrier, rank_world
+from ravl_engine.documents import (
+    DISCOVERY_FORMAT,  # noqa: F401  (re-exported: mitigate and its tests import it from here)
+    Audit,
+    Cluster,
+    Discovery,
+    Name,
+    Naming,
+    Region,
+    RunRecord,
+    TableRow,
+)
 from ravl_engine.errors import ConfigError
-from ravl_engine.kernels.sharded import TorchComm
 from ravl_engine.naming import SCORE_RULE, cluster_means, name_clusters, read_vocabulary
 from ravl_engine.outputs import check_out, staged_dir
 from ravl_engine.report import write_report
@@ -28,7 +39,6 @@ logger = logging.getLogger(__name__)
 
 DISCOVERY_NAME = "discovery.json"
 REPORT_NAME = "report.html"
-DISCOVERY_FORMAT = "ravl-engine-discovery/1"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,7 +93,7 @@ class ClusterResult:
 
     path: str
     discovery: DiscoveryResult
-    document: dict[str, Any]
+    document: Discovery
     report: str | None = None
 
 
@@ -95,10 +105,10 @@ def discovery_document(
     boxes: np.ndarray,
     region_offsets: np.ndarray,
     medoid_emb: np.ndarray,
-    audit: Mapping[str, Any] | None = None,
+    audit: Audit,
     names: list[list[dict[str, Any]]] | None = None,
-    naming: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
+    naming: Naming | None = None,
+) -> Discovery:
     """The discovery.json document: clusters ranked, each with its table, medoid and all its regions, best first.
 
     ``medoids`` holds the embedding of every cluster's medoid (all K, by cluster id) and ``audit`` what produced the
@@ -110,83 +120,69 @@ def discovery_document(
     clusters = []
     for c in result.clusters:
         clusters.append(
-            {
-                "rank": c.rank,
-                "cluster_id": c.cluster_id,
-                "class": classes[c.class_index] if c.class_index >= 0 else None,
-                "gap": c.gap,
-                "influence": c.influence,
-                "names": names[c.cluster_id] if names is not None else [],
-                "n_regions": int(c.region_indices.shape[0]),
-                "n_images": int(np.unique(region_image[c.region_indices]).shape[0]),
-                "table": [
-                    {
-                        "class": classes[row.class_index],
-                        "acc_present": row.acc_present,
-                        "n_present": row.n_present,
-                        "acc_absent": row.acc_absent,
-                        "n_absent": row.n_absent,
-                    }
+            Cluster(
+                rank=c.rank,
+                cluster_id=c.cluster_id,
+                class_name=classes[c.class_index] if c.class_index >= 0 else None,
+                gap=c.gap,
+                influence=c.influence,
+                names=tuple(Name.from_dict(n) for n in names[c.cluster_id]) if names is not None else (),
+                n_regions=int(c.region_indices.shape[0]),
+                n_images=int(np.unique(region_image[c.region_indices]).shape[0]),
+                table=tuple(
+                    TableRow(classes[row.class_index], row.acc_present, row.n_present, row.acc_absent, row.n_absent)
                     for row in c.table
-                ],
-                "medoid": medoid_emb[c.cluster_id].astype(float).tolist(),
-                "regions": [
-                    {"image": ids[int(region_image[r])], "box": boxes[r].astype(float).tolist(), "similarity": float(s)}
+                ),
+                medoid=tuple(medoid_emb[c.cluster_id].astype(float).tolist()),
+                regions=tuple(
+                    Region(ids[int(region_image[r])], tuple(boxes[r].astype(float).tolist()), float(s))
                     for r, s in zip(c.region_indices, c.similarities, strict=True)
-                ],
-            }
+                ),
+            )
         )
-    return {
-        "format": DISCOVERY_FORMAT,
-        "k": result.k,
-        "classes": classes,
-        "embedding_dim": int(medoid_emb.shape[1]),
-        "audit": dict(audit or {}),
-        "naming": dict(naming or {}),
-        "cluster_sizes": np.bincount(result.assignments, minlength=result.k).tolist(),
-        "clusters": clusters,
-        "medoids": medoid_emb.astype(float).tolist(),
-    }
+    return Discovery(
+        k=result.k,
+        classes=tuple(classes),
+        embedding_dim=int(medoid_emb.shape[1]),
+        audit=audit,
+        naming=naming or Naming(),
+        cluster_sizes=tuple(np.bincount(result.assignments, minlength=result.k).tolist()),
+        clusters=tuple(clusters),
+        medoids=tuple(tuple(m) for m in medoid_emb.astype(float).tolist()),
+    )
 
 
 def _audit(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """What produced a run's embeddings, with a checkpoint path made absolute where it names a file."""
-    model = dict(manifest.get("model", {}))
-    pretrained = model.get("pretrained")
-    if pretrained and Path(pretrained).is_file():
-        model["pretrained"] = str(Path(pretrained).resolve())
-    return {
-        "model": model,
-        "proposer": manifest.get("proposer"),
-        "region_mode": manifest.get("region_mode"),
-        "resize": manifest.get("resize", "squash"),
-        "templates": manifest.get("templates"),
-        "run_dir_data": manifest.get("data", {}).get("path"),
-    }
+    """discovery.json's ``audit`` of a run's manifest.json, as a dict (for callers not yet on ``Audit``)."""
+    return Audit.of_run(RunRecord.from_dict(manifest)).to_dict()
 
 
 def _names(
-    cfg: ClusterConfig, run: RunData, result: DiscoveryResult, phrases: list[str], *, comm: Any, rank: int
-) -> tuple[list[list[dict[str, Any]]] | None, dict[str, Any]]:
+    cfg: ClusterConfig,
+    run: RunData,
+    record: RunRecord,
+    result: DiscoveryResult,
+    phrases: list[str],
+    *,
+    comm: Any,
+    rank: int,
+) -> tuple[list[list[dict[str, Any]]] | None, Naming]:
     """Every cluster's names (by cluster id) and how they were scored; rank 0 loads the text tower."""
     x = torch.from_numpy(run.data.region_emb)
     labels = torch.from_numpy(result.assignments[run.region_offset : run.region_offset + x.shape[0]])
     sums, counts = cluster_means(x, labels, result.k)
     if comm is not None:  # each rank holds a share of the regions
         sums, counts = comm.sum(sums), comm.sum(counts)
-    naming: dict[str, Any] = {
-        "vocabulary": str(Path(cfg.vocabulary).resolve()) if cfg.vocabulary is not None else "builtin",
-        "n_phrases": len(phrases),
-        "score": SCORE_RULE,
-        "text_embeddings": "computed at cluster time from the run's model and prompt templates",
-    }
+    how = Naming(
+        vocabulary=str(Path(cfg.vocabulary).resolve()) if cfg.vocabulary is not None else "builtin",
+        n_phrases=len(phrases),
+        score=SCORE_RULE,
+        text_embeddings="computed at cluster time from the run's model and prompt templates",
+    )
     if rank != 0:
-        return None, naming
-    names, reason = name_clusters(run.manifest, phrases, sums, counts, top=cfg.top_names, checkpoint=cfg.checkpoint)
-    naming["status"] = "named" if names is not None else "skipped"
-    if reason is not None:
-        naming["reason"] = reason
-    return names, naming
+        return None, how
+    names, reason = name_clusters(record, phrases, sums, counts, top=cfg.top_names, checkpoint=cfg.checkpoint)
+    return names, dataclasses.replace(how, status="named" if names is not None else "skipped", reason=reason)
 
 
 def run_cluster(cfg: ClusterConfig, *, on_k: Callable[[dict[str, Any]], None] | None = None) -> ClusterResult:
@@ -213,6 +209,7 @@ def run_cluster(cfg: ClusterConfig, *, on_k: Callable[[dict[str, Any]], None] | 
         mine = chunks[rank]
         region_shards = range(int(mine[0]), int(mine[-1]) + 1) if mine.size else range(n_shards, n_shards)
     run = read_run(cfg.run_dir, region_shards=region_shards)
+    record = RunRecord.from_dict(run.manifest)
     check_out(cfg.out, overwrite=cfg.overwrite)  # after the input checks, before the work
     data = run.data
     unlabeled = np.flatnonzero(data.labels < 0)
@@ -239,9 +236,9 @@ def run_cluster(cfg: ClusterConfig, *, on_k: Callable[[dict[str, Any]], None] | 
     )
     assert result.medoid_embeddings is not None
     names: list[list[dict[str, Any]]] | None = None
-    naming: dict[str, Any] = {}
+    naming = Naming()
     if phrases is not None:
-        names, naming = _names(cfg, run, result, phrases, comm=comm, rank=rank)
+        names, naming = _names(cfg, run, record, result, phrases, comm=comm, rank=rank)
     document = discovery_document(
         result,
         classes=run.classes,
@@ -249,7 +246,7 @@ def run_cluster(cfg: ClusterConfig, *, on_k: Callable[[dict[str, Any]], None] | 
         boxes=data.boxes,
         region_offsets=data.offsets,
         medoid_emb=result.medoid_embeddings,
-        audit=_audit(run.manifest),
+        audit=Audit.of_run(record),
         names=names,
         naming=naming,
     )
@@ -260,9 +257,9 @@ def run_cluster(cfg: ClusterConfig, *, on_k: Callable[[dict[str, Any]], None] | 
     with directory_lock(out, command="cluster"):
         if rank == 0:
             with staged_dir(out, overwrite=cfg.overwrite) as stage:
-                write_json_atomic(stage / DISCOVERY_NAME, document)
+                write_json_atomic(stage / DISCOVERY_NAME, document.to_dict())
                 if cfg.report:
-                    folder = Path(run.manifest.get("data", {}).get("path", ".")).parent
+                    folder = Path(record.data_path).parent
                     write_report(document, stage / REPORT_NAME, image_folder=folder)
                     report = str(out / REPORT_NAME)
     barrier()

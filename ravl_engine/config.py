@@ -9,15 +9,18 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from ravl_engine.errors import ConfigError
 
 T = TypeVar("T")
 
-BACKENDS = ("auto", "torch", "faiss")
-STRATEGIES = ("auto", "cached", "search", "sharded")
-NORMALIZE_MODES = ("warn", "error")
+Backend = Literal["auto", "torch", "faiss"]
+Strategy = Literal["auto", "cached", "search", "sharded"]
+NormalizeMode = Literal["warn", "error"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+NORMALIZE_MODES: tuple[str, ...] = get_args(NormalizeMode)
 
 
 def config_from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
@@ -55,7 +58,7 @@ class DiscoverConfig:
             tables fit ``memory_budget_mb``, and is "sharded" under a multi-process launch.
         memory_budget_mb: MiB for the cached strategy's tables; more lets more K values run in one batch.
         backend: top-1 search backend of the "search" strategy: "auto" (Faiss for CUDA inputs when faiss sees a
-            GPU, else torch blocked matmul, measured faster on CPU), "torch" or "faiss".
+            GPU, else torch blocked matmul, the faster one on CPU), "torch" or "faiss".
         device: run on this torch device ("cpu", "cuda", "cuda:1"); None keeps the inputs' device.
         block_size: rows per block in blocked kernels.
         normalize: what to do with embeddings whose rows are not unit-norm: "warn" (re-normalise and warn) or
@@ -73,12 +76,12 @@ class DiscoverConfig:
     influence_threshold: float = 0.25
     two_sign_rule: bool = True
     skip_single_region_images: bool = True
-    strategy: str = "auto"
+    strategy: Strategy = "auto"
     memory_budget_mb: int = 1024
-    backend: str = "auto"
+    backend: Backend = "auto"
     device: str | None = None
     block_size: int = 65536
-    normalize: str = "warn"
+    normalize: NormalizeMode = "warn"
     norm_tolerance: float = 1e-3
     init_trials: int | None = None
 

@@ -49,8 +49,38 @@ class DemoConfig:
     overwrite: bool = False
 
 
-def run_demo(cfg: DemoConfig, *, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the demo; returns a JSON-ready summary (what was found, Precision@k, validity, paths, seconds)."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DemoResult:
+    """What the demo planted and found (``to_dict`` is the JSON summary ``ravl-engine demo`` prints).
+
+    Attributes:
+        planted: the feature, its class and the realised Cramér's V of the training set.
+        found: the top cluster's class, gap and influence (None without a cluster) and its Precision@10.
+        found_planted_feature: the top cluster is the planted class with Precision@10 >= 0.8.
+        validity: ``EvalResult``'s valid, gap_spurious and gap_other.
+        metrics: image / region overall and worst-group zero-shot accuracy.
+        finetune: the kept epoch and its held-out zero-shot accuracy.
+        paths: discovery.json, the checkpoint, the evaluation run directory.
+        seconds: per step.
+        config: the ``DemoConfig``'s fields.
+    """
+
+    planted: dict[str, Any]
+    found: dict[str, Any]
+    found_planted_feature: bool
+    validity: dict[str, Any]
+    metrics: dict[str, float]
+    finetune: dict[str, Any]
+    paths: dict[str, str]
+    seconds: dict[str, float]
+    config: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def run_demo(cfg: DemoConfig, *, on_step: Callable[[str], None] | None = None) -> DemoResult:
+    """Run the demo: synth, finetune, embed, cluster, evaluate (``on_step`` is called with each step's name)."""
     out = Path(cfg.out)
     check_resize(cfg.resize)
     clear_out(out, overwrite=cfg.overwrite)
@@ -109,37 +139,37 @@ def run_demo(cfg: DemoConfig, *, on_step: Callable[[str], None] | None = None) -
     step("end")
     names = list(seconds)
     timing = {a: seconds[b] - seconds[a] for a, b in zip(names, names[1:], strict=False)}
-    top = clustered.document["clusters"][0] if clustered.document["clusters"] else None
-    return {
-        "planted": {
+    top = clustered.document.clusters[0] if clustered.document.clusters else None
+    return DemoResult(
+        planted={
             "feature": synth.feature,
             "class": str(cfg.spurious_class),
             "cramers_v": synth.realised_cramers_v_train,
         },
-        "found": {
-            "class": top["class"] if top else None,
-            "gap": top["gap"] if top else None,
-            "influence": top["influence"] if top else None,
+        found={
+            "class": top.class_name if top else None,
+            "gap": top.gap if top else None,
+            "influence": top.influence if top else None,
             "precision_at_10": (evaluation.precision_at_k or {}).get("p@10"),
         },
-        "found_planted_feature": bool(
+        found_planted_feature=bool(
             top is not None
-            and top["class"] == str(cfg.spurious_class)
+            and top.class_name == str(cfg.spurious_class)
             and (evaluation.precision_at_k or {}).get("p@10", 0.0) >= 0.8
         ),
-        "validity": {
+        validity={
             "valid": evaluation.valid,
             "gap_spurious": evaluation.gap_spurious,
             "gap_other": evaluation.gap_other,
         },
-        "metrics": {
+        metrics={
             "image_overall": evaluation.image_overall,
             "image_worst_group": evaluation.image_worst_group,
             "region_overall": evaluation.region_overall,
             "region_worst_group": evaluation.region_worst_group,
         },
-        "finetune": {"best_epoch": tuned.best_epoch, "val_zero_shot_accuracy": tuned.best_val},
-        "paths": {"discovery": clustered.path, "checkpoint": tuned.checkpoint, "run_dir": str(out / "run")},
-        "seconds": timing,
-        "config": dataclasses.asdict(cfg),
-    }
+        finetune={"best_epoch": tuned.best_epoch, "val_zero_shot_accuracy": tuned.best_val},
+        paths={"discovery": clustered.path, "checkpoint": tuned.checkpoint, "run_dir": str(out / "run")},
+        seconds=timing,
+        config=dataclasses.asdict(cfg),
+    )

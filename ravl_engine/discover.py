@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from ravl_engine.config import DiscoverConfig
-from ravl_engine.errors import ConfigError, RavlEngineWarning
+from ravl_engine.errors import BackendError, ConfigError, RavlEngineWarning
 from ravl_engine.kernels.backends import get_backend
+from ravl_engine.kernels.errors import BackendUnavailableError
 from ravl_engine.kernels.kmedoids import kmedoids_sweep
 from ravl_engine.kernels.scoring import ClusterScores, best_regions, rank_members, score_clusters, select_clusters
 from ravl_engine.kernels.sharded import Comm, LocalComm, Shard, sharded_sweep
@@ -343,6 +344,92 @@ def _table(scores: ClusterScores, c: int) -> tuple[ClassRow, ...]:
     )
 
 
+@dataclass(frozen=True)
+class _Clustering:
+    """The K sweep's outcome, wherever the rows live: the chosen fit and how to rank one cluster's members."""
+
+    k: int
+    silhouettes: dict[int, float]
+    stats: list[dict[str, Any]]
+    labels: Tensor  # [R] every region's cluster (gathered across ranks when sharded)
+    medoids: Tensor  # [K] global region indices
+    medoid_embeddings: Tensor  # [K, D]
+    members: Callable[[int], tuple[Tensor, Tensor]]  # cluster -> (region indices, similarity to the medoid), best first
+
+
+def _cluster_local(
+    inp: _Inputs,
+    ks: list[int],
+    cfg: DiscoverConfig,
+    backend: Any,
+    generator: torch.Generator,
+    on_k: Callable[[dict[str, Any]], None] | None,
+) -> _Clustering:
+    """The K sweep in one process (cached or search fit, per ``cfg.strategy``)."""
+    sweep = kmedoids_sweep(
+        inp.x,
+        ks,
+        generator=generator,
+        max_iter=cfg.max_iter,
+        clip=cfg.clip_distance,
+        strategy=cfg.strategy,
+        backend=backend,
+        n_trials=cfg.init_trials,
+        block_size=cfg.block_size,
+        memory_budget=cfg.memory_budget_mb << 20,
+        on_k=on_k,
+    )
+    labels, medoids = sweep.fit.labels, sweep.fit.medoids
+    return _Clustering(
+        k=sweep.k,
+        silhouettes=sweep.silhouettes,
+        stats=sweep.stats,
+        labels=labels,
+        medoids=medoids,
+        medoid_embeddings=inp.x[medoids],
+        members=lambda c: rank_members(inp.x, labels, c, int(medoids[c])),
+    )
+
+
+def _cluster_sharded(
+    inp: _Inputs,
+    ks: list[int],
+    cfg: DiscoverConfig,
+    backend: Any,
+    generator: torch.Generator,
+    on_k: Callable[[dict[str, Any]], None] | None,
+    comm: Comm,
+) -> _Clustering:
+    """The K sweep over rows spread across ranks (``inp.x`` is this rank's share); every rank gets the same result."""
+    if cfg.clip_distance:
+        raise ConfigError("clip_distance=True is not available for sharded (multi-process) discovery")
+    sweep = sharded_sweep(
+        inp.x,
+        ks,
+        comm,
+        generator=generator,
+        max_iter=cfg.max_iter,
+        n_trials=cfg.init_trials,
+        backend=backend,
+        block_size=cfg.block_size,
+        on_k=on_k,
+    )
+    local_labels = sweep.fit.labels
+    labels = comm.gather(local_labels)
+    assert sweep.shard is not None  # a sharded sweep says where this rank's rows are
+    shard = sweep.shard
+    medoid_emb = shard.rows(sweep.fit.medoids.cpu(), comm)
+    return _Clustering(
+        k=sweep.k,
+        silhouettes=sweep.silhouettes,
+        stats=sweep.stats,
+        labels=labels,
+        medoids=sweep.fit.medoids.to(labels.device),
+        medoid_embeddings=medoid_emb,
+        members=lambda c: _rank_members_sharded(shard, local_labels, c, medoid_emb[c], comm),
+    )
+
+
 def run_discover(
     cfg: DiscoverConfig,
     region_embeddings: ArrayLike,
@@ -357,7 +444,7 @@ def run_discover(
 ) -> DiscoveryResult:
     """Run discovery with an explicit config. See :func:`discover` for the arguments.
 
-    With ``comm`` (a multi-process run: :class:`~ravl_engine.kernels.sharded.TorchComm`), ``region_embeddings`` is this
+    With ``comm`` (a multi-process run: :class:`~ravl_engine.distributed.TorchComm`), ``region_embeddings`` is this
     rank's contiguous share of the rows (ranks in order) and every other array is the whole run's; clustering runs the
     sharded K-medoids and every rank returns the same result. ``strategy="sharded"`` runs that code in one process.
     """
@@ -377,54 +464,24 @@ def run_discover(
     )
 
     t0 = time.perf_counter()
-    backend = get_backend(cfg.backend, device=inp.x.device, block_size=cfg.block_size)
+    try:
+        backend = get_backend(cfg.backend, device=inp.x.device, block_size=cfg.block_size)
+    except BackendUnavailableError as err:  # the engine's error type at the kernel boundary, same message
+        raise BackendError(str(err)) from err
     generator = torch.Generator().manual_seed(seed)
     ks = cfg.k_values(inp.num_classes)
-    if comm is not None:
-        if cfg.clip_distance:
-            raise ConfigError("clip_distance=True is not available for sharded (multi-process) discovery")
-        sharded = sharded_sweep(
-            inp.x,
-            ks,
-            comm,
-            generator=generator,
-            max_iter=cfg.max_iter,
-            n_trials=cfg.init_trials,
-            backend=backend,
-            block_size=cfg.block_size,
-            on_k=on_k,
-        )
-        k, silhouettes, sweep_stats = sharded.k, sharded.silhouettes, sharded.stats
-        local_labels = sharded.fit.labels
-        labels = comm.gather(local_labels)
-        medoids = sharded.fit.medoids.to(labels.device)
-        shard = sharded.shard
-        medoid_emb = shard.rows(medoids.cpu(), comm)
+    if comm is None:
+        fit = _cluster_local(inp, ks, cfg, backend, generator, on_k)
     else:
-        sweep = kmedoids_sweep(
-            inp.x,
-            ks,
-            generator=generator,
-            max_iter=cfg.max_iter,
-            clip=cfg.clip_distance,
-            strategy=cfg.strategy,
-            backend=backend,
-            n_trials=cfg.init_trials,
-            block_size=cfg.block_size,
-            memory_budget=cfg.memory_budget_mb << 20,
-            on_k=on_k,
-        )
-        k, silhouettes, sweep_stats = sweep.k, sweep.silhouettes, sweep.stats
-        labels, medoids = sweep.fit.labels, sweep.fit.medoids
-        medoid_emb = inp.x[medoids]
+        fit = _cluster_sharded(inp, ks, cfg, backend, generator, on_k, comm)
     timings["cluster"] = time.perf_counter() - t0
-    logger.info("discover: K = %d (silhouette %.4f)", k, silhouettes[k])
+    logger.info("discover: K = %d (silhouette %.4f)", fit.k, fit.silhouettes[fit.k])
 
     t0 = time.perf_counter()
     best = best_regions(inp.region_scores, inp.region_image, inp.image_pred, inp.num_regions.shape[0])
     scores = score_clusters(
-        labels,
-        k,
+        fit.labels,
+        fit.k,
         region_image=inp.region_image,
         num_regions=inp.num_regions,
         image_labels=inp.image_labels,
@@ -441,11 +498,7 @@ def run_discover(
     t0 = time.perf_counter()
     clusters = []
     for rank, c in enumerate(kept, start=1):
-        medoid = int(medoids[c])
-        if comm is not None:
-            members, sims = _rank_members_sharded(shard, local_labels, c, medoid_emb[c], comm)
-        else:
-            members, sims = rank_members(inp.x, labels, c, medoid)
+        members, sims = fit.members(c)
         clusters.append(
             FeatureCluster(
                 rank=rank,
@@ -453,25 +506,25 @@ def run_discover(
                 class_index=int(scores.class_index[c]),
                 gap=float(scores.gap_total[c]),
                 influence=float(scores.influence[c]),
-                medoid=medoid,
+                medoid=int(fit.medoids[c]),
                 region_indices=members.cpu().numpy(),
                 similarities=sims.cpu().numpy(),
                 table=_table(scores, c),
             )
         )
     timings["rank"] = time.perf_counter() - t0
-    logger.info("discover: %d of %d clusters passed the filter", len(clusters), k)
+    logger.info("discover: %d of %d clusters passed the filter", len(clusters), fit.k)
     return DiscoveryResult(
         clusters=clusters,
-        k=k,
-        silhouettes=silhouettes,
-        assignments=labels.cpu().numpy(),
-        medoids=medoids.cpu().numpy(),
+        k=fit.k,
+        silhouettes=fit.silhouettes,
+        assignments=fit.labels.cpu().numpy(),
+        medoids=fit.medoids.cpu().numpy(),
         gap_total=scores.gap_total.cpu().numpy(),
         influence=scores.influence.cpu().numpy(),
         timings=timings,
-        sweep=sweep_stats,
-        medoid_embeddings=medoid_emb.float().cpu().numpy(),
+        sweep=fit.stats,
+        medoid_embeddings=fit.medoid_embeddings.float().cpu().numpy(),
     )
 
 

@@ -2,7 +2,8 @@
 
 Stages call :func:`rank_world` and :func:`barrier`, which fall back to rank 0 of 1 when no process group exists, so
 world size 1 runs the same code as a multi-process launch. The CLI calls :func:`init_from_env` so that
-``torchrun --nproc-per-node N -m ravl_engine.cli embed ...`` works without extra flags.
+``torchrun --nproc-per-node N -m ravl_engine.cli embed ...`` works without extra flags. :class:`TorchComm` gives the
+sharded kernels (kernels/sharded.py, written against ``kernels.comm.Comm``) the process group's collectives.
 """
 
 from __future__ import annotations
@@ -140,3 +141,37 @@ def broadcast_object(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class TorchComm:
+    """:class:`~ravl_engine.kernels.comm.Comm` over torch.distributed's default process group (must be initialised)."""
+
+    def __init__(self) -> None:
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+
+    def _reduce(self, t: Tensor, op: Any) -> Tensor:
+        out = t.clone()
+        dist.all_reduce(out, op=op)
+        return out
+
+    def sum(self, t: Tensor) -> Tensor:
+        return self._reduce(t, dist.ReduceOp.SUM)
+
+    def max(self, t: Tensor) -> Tensor:
+        return self._reduce(t, dist.ReduceOp.MAX)
+
+    def min(self, t: Tensor) -> Tensor:
+        return self._reduce(t, dist.ReduceOp.MIN)
+
+    def gather(self, t: Tensor) -> Tensor:
+        """Every rank's tensor concatenated along dim 0 in rank order (lengths may differ: padded, then cut)."""
+        n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+        sizes = [torch.zeros_like(n) for _ in range(self.world)]
+        dist.all_gather(sizes, n)
+        longest = int(max(int(s) for s in sizes))
+        padded = t.new_zeros((longest, *t.shape[1:]))
+        padded[: t.shape[0]] = t
+        parts = [torch.zeros_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[: int(s)] for p, s in zip(parts, sizes, strict=True)])

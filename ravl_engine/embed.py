@@ -24,6 +24,7 @@ from torch import Tensor
 from ravl_engine import __version__
 from ravl_engine.config import config_from_dict
 from ravl_engine.distributed import barrier, local_device, rank_world
+from ravl_engine.documents import ModelRecord, ProposerRecord, RunRecord
 from ravl_engine.errors import ConfigError, ShardError
 from ravl_engine.images import ImageDataset, boxes_to_input, check_resize, normalize
 from ravl_engine.kernels.roi import region_embed, supported_modes, tower_kind
@@ -138,25 +139,26 @@ class EmbedResult:
         return dataclasses.asdict(self)
 
 
-def _settings(cfg: EmbedConfig, classes: list[str], mode: str, checkpoint_sha: str | None, data_sha: str) -> dict:
+def _record(cfg: EmbedConfig, classes: list[str], mode: str, checkpoint_sha: str | None, data_sha: str) -> RunRecord:
     """What a resumed run must share with the run that started the directory."""
-    return {
-        "model": {"name": cfg.model, "pretrained": cfg.pretrained, "checkpoint_sha256": checkpoint_sha},
-        "proposer": {
-            "name": cfg.proposer,
-            "options": dict(cfg.proposer_options),
-            "max_boxes": cfg.max_boxes,
-            "min_box_size": cfg.min_box_size,
-            "score_threshold": cfg.score_threshold,
-            "whole_image": cfg.whole_image,
-        },
-        "region_mode": mode,
-        "resize": cfg.resize,
-        "classes": classes,
-        "templates": list(cfg.templates),
-        "shard_size": cfg.shard_size,
-        "data": {"path": str(Path(cfg.data).resolve()), "sha256": data_sha},
-    }
+    return RunRecord(
+        model=ModelRecord(name=cfg.model, pretrained=cfg.pretrained, checkpoint_sha256=checkpoint_sha),
+        proposer=ProposerRecord(
+            name=cfg.proposer,
+            options=dict(cfg.proposer_options),
+            max_boxes=cfg.max_boxes,
+            min_box_size=cfg.min_box_size,
+            score_threshold=cfg.score_threshold,
+            whole_image=cfg.whole_image,
+        ),
+        region_mode=mode,
+        resize=cfg.resize,
+        classes=tuple(classes),
+        templates=tuple(cfg.templates),
+        shard_size=cfg.shard_size,
+        data_path=str(Path(cfg.data).resolve()),
+        data_sha256=data_sha,
+    )
 
 
 def _check_compatible(run_dir: Path, existing: dict, settings: dict) -> None:
@@ -258,12 +260,12 @@ def run_embed(
     loaded = load_clip(cfg.model, cfg.pretrained, device=cfg.device)
     visual = loaded.model.visual
     if tower_kind(visual) == "resnet":
-        visual.to(memory_format=torch.channels_last)  # faster convolutions (measured 15% on the reference CPU)
+        visual.to(memory_format=torch.channels_last)  # faster convolutions on CPU
     modes = supported_modes(visual)
     mode = modes[0] if cfg.region_mode == "auto" else cfg.region_mode
     if mode not in modes:
         raise ConfigError(f"region mode {mode!r} is not supported by {cfg.model}; use one of {', '.join(modes)}")
-    settings = _settings(cfg, classes, mode, loaded.checkpoint_sha256, sha256_file(cfg.data))
+    settings = _record(cfg, classes, mode, loaded.checkpoint_sha256, sha256_file(cfg.data)).to_dict()
     if existing is not None:
         _check_compatible(run_dir, existing, settings)  # fail before taking the lock; checked again under it
     with directory_lock(run_dir, command="embed"):
@@ -336,10 +338,25 @@ def _write_run(
         "shards": [],
         "complete": False,
     }
-    label_index = {c: i for i, c in enumerate(classes)}
-    mean = torch.tensor(loaded.mean).view(1, 3, 1, 1)
-    std = torch.tensor(loaded.std).view(1, 3, 1, 1)
-    size = loaded.image_size
+    job = ShardJob(
+        rows=rows,
+        proposer=proposer,
+        proposer_name=cfg.proposer,
+        embedder=RegionEmbedder(
+            visual=visual,
+            mode=mode,
+            mean=torch.tensor(loaded.mean).view(1, 3, 1, 1),
+            std=torch.tensor(loaded.std).view(1, 3, 1, 1),
+            device=torch.device(cfg.device),
+        ),
+        dim=int(visual.output_dim),
+        size=loaded.image_size,
+        resize=cfg.resize,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        label_index={c: i for i, c in enumerate(classes)},
+        pin_memory=torch.device(cfg.device).type == "cuda",
+    )
     written = skipped = 0
     entries: dict[str, dict[str, Any]] = {}
     for spec in plan[rank::world]:  # ranks take disjoint shards of the one plan
@@ -351,22 +368,7 @@ def _write_run(
             if on_images is not None:
                 on_images(spec.stop - spec.start)
             continue
-        entry = _embed_shard(
-            spec,
-            rows,
-            path,
-            proposer=proposer,
-            proposer_name=cfg.proposer,
-            visual=visual,
-            mode=mode,
-            size=size,
-            mean=mean,
-            std=std,
-            label_index=label_index,
-            cfg=cfg,
-            seconds=seconds,
-            on_images=on_images,
-        )
+        entry = embed_shard(job, spec, path, seconds=seconds, on_images=on_images)
         write_json_atomic(run_dir / _record_name(spec), entry)  # the shard is complete once this record exists
         entries[spec.name] = entry
         if world == 1:  # progress for readers of a running single-process job
@@ -421,107 +423,158 @@ def _write_run(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class RegionEmbedder:
+    """The embedder part: fitted uint8 images [B, 3, S, S] and their boxes in input pixels -> unit-norm image
+    embeddings [B, D] and region embeddings [sum K_i, D], float32 on the CPU (one backbone pass, ``mode``)."""
+
+    visual: Any
+    mode: str
+    mean: Tensor  # [1, 3, 1, 1]
+    std: Tensor  # [1, 3, 1, 1]
+    device: torch.device
+
+    @torch.no_grad()
+    def __call__(self, pixels: Tensor, boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        x = normalize(pixels, self.mean, self.std).to(self.device, non_blocking=True)
+        if tower_kind(self.visual) == "resnet":
+            x = x.contiguous(memory_format=torch.channels_last)
+        rois = [b.to(self.device) for b in boxes]
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            img_emb, reg_emb = region_embed(self.visual, x, rois, mode=self.mode)
+        return F.normalize(img_emb.float(), dim=-1).cpu(), F.normalize(reg_emb.float(), dim=-1).cpu()
+
+
+@dataclass(frozen=True, slots=True)
+class ShardJob:
+    """What the per-shard worker needs besides the shard: the manifest rows, the proposer, the embedder, and how
+    images are read (fitted to ``size`` with ``resize``, ``batch_size`` per batch, ``num_workers`` decoders)."""
+
+    rows: Sequence[ManifestRow]
+    proposer: Any
+    proposer_name: str
+    embedder: Callable[[Tensor, Sequence[Tensor]], tuple[Tensor, Tensor]]  # a RegionEmbedder
+    dim: int  # the embedding width (of an empty shard's arrays)
+    size: int
+    resize: str
+    batch_size: int
+    num_workers: int
+    label_index: Mapping[str, int]
+    pin_memory: bool = False
+
+    def reader(self, spec: ShardSpec) -> torch.utils.data.DataLoader:
+        """The reader part: batches of decoded images of one shard (lists of ``ImageDataset`` items)."""
+        paths = [r.path for r in self.rows[spec.start : spec.stop]]
+        keep_full = bool(getattr(self.proposer, "needs_pixels", True))
+        return torch.utils.data.DataLoader(
+            ImageDataset(paths, size=self.size, resize=self.resize, keep_full=keep_full),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=list,
+            pin_memory=self.pin_memory,
+        )
+
+    def propose(self, row: ManifestRow, item: Any) -> Any:
+        """The proposer part, one image at a time (images differ in size; fixed layouts cost nothing)."""
+        given = [torch.tensor(row.boxes, dtype=torch.float32).reshape(-1, 4)] if row.boxes is not None else None
+        # fixed layouts read only the size: a zero-stride stand-in, no full-size image at all
+        image = (
+            item.full[None].float().div_(255.0)
+            if item.full is not None
+            else torch.zeros(()).expand(1, 3, item.height, item.width)
+        )
+        return self.proposer(image, boxes=given)[0]
+
+
+@dataclass
+class _ShardParts:
+    """The arrays of one shard as its batches are embedded (the writer part turns them into a ShardData)."""
+
+    ids: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    image_embs: list[Tensor] = field(default_factory=list)
+    region_embs: list[Tensor] = field(default_factory=list)
+    boxes: list[Tensor] = field(default_factory=list)
+    scores: list[Tensor] = field(default_factory=list)
+    region_labels: list[str] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    failures: list[dict[str, str]] = field(default_factory=list)
+    clipped: int = 0
+    dropped: int = 0
+
+    def data(self, dim: int, *, with_region_labels: bool) -> ShardData:
+        def cat(parts: list[Tensor], empty: tuple[int, ...]) -> np.ndarray:
+            return torch.cat(parts).numpy() if parts else np.zeros(empty, np.float32)
+
+        return ShardData(
+            ids=self.ids,
+            labels=np.asarray(self.labels, dtype=np.int64),
+            image_emb=cat(self.image_embs, (0, dim)),
+            offsets=np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64),
+            boxes=cat(self.boxes, (0, 4)),
+            region_emb=cat(self.region_embs, (0, dim)),
+            scores=cat(self.scores, (0,)),
+            region_labels=self.region_labels if with_region_labels else None,
+        )
+
+
 @torch.no_grad()
-def _embed_shard(
+def embed_shard(
+    job: ShardJob,
     spec: ShardSpec,
-    rows: Sequence[ManifestRow],
     path: Path,
     *,
-    proposer: Any,
-    proposer_name: str,
-    visual: Any,
-    mode: str,
-    size: int,
-    mean: Tensor,
-    std: Tensor,
-    label_index: dict[str, int],
-    cfg: EmbedConfig,
-    seconds: dict[str, float],
-    on_images: Callable[[int], None] | None,
+    seconds: dict[str, float] | None = None,
+    on_images: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Embed the images of one shard and commit the shard file; returns its manifest entry."""
-    device = torch.device(cfg.device)
-    shard_rows = rows[spec.start : spec.stop]
-    keep_full = bool(getattr(proposer, "needs_pixels", True))
-    loader = torch.utils.data.DataLoader(
-        ImageDataset([r.path for r in shard_rows], size=size, resize=cfg.resize, keep_full=keep_full),
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        collate_fn=list,
-        pin_memory=device.type == "cuda",
-    )
-    ids: list[str] = []
-    labels: list[int] = []
-    image_embs: list[Tensor] = []
-    region_embs: list[Tensor] = []
-    all_boxes: list[Tensor] = []
-    all_scores: list[Tensor] = []
-    region_labels: list[str] = []
-    counts: list[int] = []
-    failures: list[dict[str, str]] = []
-    clipped = dropped = 0
+    """The per-shard worker: read, propose, embed and write the images of one shard, then return its manifest entry.
+
+    Idempotent: the shard file is written atomically, so a rerun overwrites a partial one. ``seconds`` (keys
+    ``read``, ``propose``, ``embed``, ``write``) accumulates the time of each part.
+    """
+    seconds = seconds if seconds is not None else {}
+    for key in ("read", "propose", "embed", "write"):
+        seconds.setdefault(key, 0.0)
+    shard_rows = job.rows[spec.start : spec.stop]
+    out = _ShardParts()
     t0 = time.perf_counter()
-    for batch in loader:
+    for batch in job.reader(spec):
         seconds["read"] += time.perf_counter() - t0
         ok = []
         for item in batch:
             row = shard_rows[item.index]
             if item.pixels is None:
-                failures.append({"image": row.image, "error": str(item.error)})
+                out.failures.append({"image": row.image, "error": str(item.error)})
             else:
                 ok.append((row, item))
         if ok:
             t0 = time.perf_counter()
-            proposals = []
-            for row, item in ok:  # images differ in size: propose one at a time, fixed layouts cost nothing
-                given = [torch.tensor(row.boxes, dtype=torch.float32).reshape(-1, 4)] if row.boxes is not None else None
-                # fixed layouts read only the size: a zero-stride stand-in, no full-size image at all
-                image = (
-                    item.full[None].float().div_(255.0)
-                    if item.full is not None
-                    else torch.zeros(()).expand(1, 3, item.height, item.width)
-                )
-                proposals.append(proposer(image, boxes=given)[0])
+            proposals = [job.propose(row, item) for row, item in ok]
             seconds["propose"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            pixels = normalize(torch.stack([item.pixels for _, item in ok]), mean, std).to(device, non_blocking=True)
-            if tower_kind(visual) == "resnet":
-                pixels = pixels.contiguous(memory_format=torch.channels_last)
             # RoIAlign sees the boxes in input pixels; the shard keeps them in original-image pixels
             scaled = [
-                boxes_to_input(prop.boxes, item.placement.as_tensor()).to(device)
+                boxes_to_input(prop.boxes, item.placement.as_tensor())
                 for (_, item), prop in zip(ok, proposals, strict=True)
             ]
-            use_amp = device.type == "cuda"
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                img_emb, reg_emb = region_embed(visual, pixels, scaled, mode=mode)
-            image_embs.append(F.normalize(img_emb.float(), dim=-1).cpu())
-            region_embs.append(F.normalize(reg_emb.float(), dim=-1).cpu())
+            img_emb, reg_emb = job.embedder(torch.stack([item.pixels for _, item in ok]), scaled)
+            out.image_embs.append(img_emb)
+            out.region_embs.append(reg_emb)
             seconds["embed"] += time.perf_counter() - t0
             for (row, _), prop in zip(ok, proposals, strict=True):
-                ids.append(row.image)
-                labels.append(label_index[row.label] if row.label is not None else -1)
-                all_boxes.append(prop.boxes)
-                all_scores.append(prop.scores)
-                counts.append(int(prop.boxes.shape[0]))
-                region_labels.extend(_region_labels_for(row, prop.boxes, prop.source, proposer_name))
-                clipped += prop.stats.get("clipped", 0)
-                dropped += prop.stats.get("dropped", 0)
+                out.ids.append(row.image)
+                out.labels.append(job.label_index[row.label] if row.label is not None else -1)
+                out.boxes.append(prop.boxes)
+                out.scores.append(prop.scores)
+                out.counts.append(int(prop.boxes.shape[0]))
+                out.region_labels.extend(_region_labels_for(row, prop.boxes, prop.source, job.proposer_name))
+                out.clipped += prop.stats.get("clipped", 0)
+                out.dropped += prop.stats.get("dropped", 0)
         if on_images is not None:
             on_images(len(batch))
         t0 = time.perf_counter()
     t0 = time.perf_counter()
-    dim = visual.output_dim
-    data = ShardData(
-        ids=ids,
-        labels=np.asarray(labels, dtype=np.int64),
-        image_emb=torch.cat(image_embs).numpy() if image_embs else np.zeros((0, dim), np.float32),
-        offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-        boxes=torch.cat(all_boxes).numpy() if all_boxes else np.zeros((0, 4), np.float32),
-        region_emb=torch.cat(region_embs).numpy() if region_embs else np.zeros((0, dim), np.float32),
-        scores=torch.cat(all_scores).numpy() if all_scores else np.zeros(0, np.float32),
-        region_labels=region_labels if any(r.region_labels is not None for r in shard_rows) else None,
-    )
+    data = out.data(job.dim, with_region_labels=any(r.region_labels is not None for r in shard_rows))
     sha = write_shard(path, spec, data)
     seconds["write"] += time.perf_counter() - t0
     return {
@@ -529,10 +582,10 @@ def _embed_shard(
         "index": spec.index,
         "first_image": spec.start,
         "n_planned": spec.stop - spec.start,
-        "n_images": len(ids),
-        "n_regions": int(sum(counts)),
-        "clipped_boxes": clipped,
-        "dropped_boxes": dropped,
-        "failures": failures,
+        "n_images": len(out.ids),
+        "n_regions": int(sum(out.counts)),
+        "clipped_boxes": out.clipped,
+        "dropped_boxes": out.dropped,
+        "failures": out.failures,
         "sha256": sha,
     }

@@ -7,7 +7,6 @@ metrics use every image; region metrics use the regions whose ground-truth label
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ravl_engine.documents import Discovery, read_discovery
 from ravl_engine.errors import ConfigError
 from ravl_engine.shards import RunData, read_run
 from ravl_engine.zeroshot import TEMPERATURE, zero_shot_probs
@@ -73,7 +73,7 @@ def evaluate_run(
     *,
     feature: str | None = None,
     spurious_class: str | None = None,
-    discovery: dict[str, Any] | None = None,
+    discovery: Discovery | None = None,
     ks: tuple[int, ...] = (10, 25),
     temperature: float = TEMPERATURE,
 ) -> EvalResult:
@@ -150,7 +150,7 @@ def evaluate_run(
 
 
 def _precision(
-    discovery: dict[str, Any],
+    discovery: Discovery,
     ids: list[str],
     region_image: np.ndarray,
     boxes: np.ndarray,
@@ -162,18 +162,17 @@ def _precision(
 
     Regions are matched by (image, box), the way discovery.json names them.
     """
-    if not discovery.get("clusters"):
+    if not discovery.clusters:
         return {f"p@{k}": 0.0 for k in ks}, None
     truth_of = {
         (ids[int(i)], tuple(np.round(box.astype(np.float64), 2))): label
         for i, box, label in zip(region_image, boxes, labels, strict=True)
     }
-    top = discovery["clusters"][0]
+    top = discovery.clusters[0]
     hits = [
-        truth_of.get((r["image"], tuple(np.round(np.asarray(r["box"], dtype=np.float64), 2)))) == feature
-        for r in top["regions"]
+        truth_of.get((r.image, tuple(np.round(np.asarray(r.box, dtype=np.float64), 2)))) == feature for r in top.regions
     ]
-    return {f"p@{k}": float(np.mean(hits[:k])) if hits else 0.0 for k in ks}, top.get("class")
+    return {f"p@{k}": float(np.mean(hits[:k])) if hits else 0.0 for k in ks}, top.class_name
 
 
 def run_evaluate(
@@ -188,31 +187,14 @@ def run_evaluate(
     return evaluate_run(read_run(run_dir), feature=feature, spurious_class=spurious_class, discovery=discovery)
 
 
-def load_discovery(path: str | Path) -> dict[str, Any]:
-    """Read a ``discovery.json`` written by ``ravl-engine cluster`` and check the fields Precision@k reads.
+def load_discovery(path: str | Path) -> Discovery:
+    """Read a ``discovery.json`` written by ``ravl-engine cluster`` (:func:`ravl_engine.documents.read_discovery`).
 
     Raises:
-        ConfigError: unreadable file, not JSON, or another document (``discover --out`` names regions by index
-            only); the message names the file.
+        ConfigError: unreadable file, not JSON, another document (``discover --out`` names regions by index only)
+            or an older one; one line naming the file and the fix.
     """
-    fix = "pass the OUT/discovery.json that 'ravl-engine cluster' wrote"
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path}: not a readable discovery.json ({' '.join(str(err).split())}); {fix}") from err
-    clusters = doc.get("clusters") if isinstance(doc, dict) else None
-    if not isinstance(clusters, list):
-        raise ConfigError(f"{path}: not a discovery.json (no 'clusters' list); {fix}")
-    for i, cluster in enumerate(clusters):
-        regions = cluster.get("regions") if isinstance(cluster, dict) else None
-        if not isinstance(regions, list) or not all(
-            isinstance(r, dict) and {"image", "box"} <= r.keys() for r in regions
-        ):
-            raise ConfigError(
-                f"{path}: cluster {i + 1} has no 'regions' list of {{image, box}} entries (discover --out writes "
-                f"region indices only); {fix}"
-            )
-    return doc
+    return read_discovery(path)
 
 
 def evaluate_checkpoint(

@@ -41,7 +41,7 @@ from ravl_engine.mitigate_methods import (  # noqa: F401 (StepBatch, GroupDRO, m
     mitigation_loss,
     zero_shot,
 )
-from ravl_engine.mitigate_prep import Discovery, prepare, read_discovery
+from ravl_engine.mitigate_prep import Target, prepare, read_target
 from ravl_engine.models import LoadedModel, load_clip
 from ravl_engine.outputs import check_not_input, check_out
 from ravl_engine.selection import pseudo_group_set, worst_group_accuracy
@@ -185,9 +185,9 @@ class MitigateResult:
         return dataclasses.asdict(self)
 
 
-def _audit_data(cfg: MitigateConfig, disc: Discovery) -> str:
+def _audit_data(cfg: MitigateConfig, disc: Target) -> str:
     """The audit manifest of ``--select pseudo-group``: --audit-data, else the one discovery.json records."""
-    path = cfg.audit_data or disc.audit.get("run_dir_data")
+    path = cfg.audit_data or disc.audit.run_dir_data
     if not path or not Path(path).is_file():
         raise ConfigError(
             f"--select pseudo-group needs the audit images: {disc.path} records {path!r}, which is not there; pass "
@@ -209,16 +209,16 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
     inputs = {"--pretrained": cfg.pretrained, "--region-model": cfg.region_model}
     check_not_input(cfg.out, {**inputs, "--train": cfg.train, "--discovery": cfg.discovery})
     check_out(cfg.out, overwrite=cfg.overwrite)
-    disc = read_discovery(cfg.discovery, cfg.clusters)
-    check_not_input(cfg.out, {"audited checkpoint": (disc.audit.get("model") or {}).get("pretrained")})
+    disc = read_target(cfg.discovery, cfg.clusters)
+    check_not_input(cfg.out, {"audited checkpoint": disc.audit.model.pretrained})
     audit_data = _audit_data(cfg, disc) if cfg.select == "pseudo-group" else None
-    arch = cfg.model or (disc.audit.get("model") or {}).get("name")
+    arch = cfg.model or disc.audit.model.name
     if not arch:
         raise ConfigError("pass --model: discovery.json names no architecture to start from")
     loaded: LoadedModel = load_clip(arch, cfg.pretrained, device=cfg.device, init_seed=cfg.seed)
     arch = loaded.name  # canonical: an hf: folder is recorded by its absolute path
     ts = prepare(cfg, disc, loaded.image_size, loaded.mean, loaded.std)
-    resize = cfg.resize or disc.audit.get("resize") or "squash"
+    resize = cfg.resize or disc.audit.resize
     audit = (
         pseudo_group_set(
             audit_data,
@@ -237,7 +237,7 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
 
     model, tokenizer = loaded.model, loaded.tokenizer
     c = len(disc.classes)
-    templates = cfg.templates or tuple(disc.audit.get("templates") or DEFAULT_TEMPLATES)
+    templates = cfg.templates or disc.audit.templates or DEFAULT_TEMPLATES
     class_tokens = tokenizer([t.format(name) for name in disc.classes for t in templates]).to(cfg.device)
     caption_tokens = tokenizer(ts.captions)
     lr, freeze_text = schedule_defaults(loaded.weights, cfg.lr, cfg.freeze_text)

@@ -7,17 +7,17 @@ and the regions of the chosen spurious cluster(s) are marked. Each caption is pa
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ravl_engine.captions import caption_classes
+from ravl_engine.documents import Audit, Discovery, read_discovery
 from ravl_engine.errors import ConfigError, ShardError
 from ravl_engine.finetune import load_images
 from ravl_engine.images import boxes_to_input
@@ -30,68 +30,59 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class Discovery:
-    """What mitigation reads from discovery.json (a later ``documents.Discovery`` replaces it)."""
+class Target:
+    """What mitigation takes from a discovery: the chosen spurious clusters, every medoid, the audit record."""
 
-    classes: list[str]
-    medoids: Tensor  # [K, D] float32, unit rows
-    spurious_ids: list[int]
-    audit: dict[str, Any]
+    discovery: Discovery
+    medoids: Tensor  # [K, D] float32, unit rows, by cluster id
+    spurious_ids: list[int]  # cluster ids of the chosen ranks
     path: str
     spurious_images: frozenset[str]  # the audit images with a region in the chosen cluster(s)
 
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.discovery.classes
 
-def read_discovery(path: str | Path, ranks: Sequence[int]) -> Discovery:
-    """Load and check discovery.json; pick the cluster ids of the given ranks.
+    @property
+    def audit(self) -> Audit:
+        return self.discovery.audit
+
+
+def read_target(path: str | Path, ranks: Sequence[int]) -> Target:
+    """Read discovery.json (:func:`ravl_engine.documents.read_discovery`) and pick the clusters of ``ranks``.
 
     Raises:
-        ConfigError: unreadable, from an older ravl-engine (no medoids), no spurious cluster, a rank beyond the
-            clusters found, or medoids that are not finite unit vectors.
+        ConfigError: not a discovery.json of this format (one line, from documents), no spurious cluster, a rank
+            beyond the clusters found, or medoids that are not finite unit vectors.
     """
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path}: not a readable discovery.json ({err})") from err
-    if not isinstance(doc, dict) or "clusters" not in doc or "classes" not in doc:
-        raise ConfigError(
-            f"{path} is not a discovery.json; pass the file 'ravl-engine cluster' wrote (OUT/discovery.json)"
-        )
-    if "medoids" not in doc or "audit" not in doc:
-        raise ConfigError(f"{path}: no medoids / audit record; it was written by an older ravl-engine, rerun cluster")
-    clusters = doc.get("clusters") or []
-    if not clusters:
+    disc = read_discovery(path)
+    if not disc.clusters:
         raise ConfigError(
             f"{path}: discovery found no spurious cluster, so there is nothing to mitigate; use --method standard "
             "with ravl-engine finetune, or audit a larger validation set"
         )
-    if max(ranks) > len(clusters):
-        raise ConfigError(f"{path} has {len(clusters)} spurious cluster(s); --cluster {max(ranks)} does not exist")
-    medoids = torch.tensor(doc["medoids"], dtype=torch.float32)
-    if medoids.ndim != 2 or medoids.shape[0] != doc.get("k") or not torch.isfinite(medoids).all():
+    if max(ranks) > len(disc.clusters):
+        raise ConfigError(f"{path} has {len(disc.clusters)} spurious cluster(s); --cluster {max(ranks)} does not exist")
+    try:
+        medoids = torch.from_numpy(disc.medoid_array())
+    except ValueError as err:
+        raise ConfigError(f"{path}: medoids must be a [k, D] list ({err}); the file is damaged, rerun cluster") from err
+    if medoids.shape[0] != disc.k or not torch.isfinite(medoids).all():
         raise ConfigError(f"{path}: medoids must be a finite [k, D] list; the file is damaged, rerun cluster")
     if (medoids.norm(dim=1) - 1).abs().max() > 1e-3:
         raise ConfigError(f"{path}: medoids are not unit vectors; the file is damaged, rerun cluster")
-    by_rank = {c["rank"]: c for c in clusters}
-    ids = [int(by_rank[r]["cluster_id"]) for r in ranks]
+    chosen = [disc.by_rank(r) for r in ranks]
+    ids = [c.cluster_id for c in chosen]
     if any(not 0 <= i < medoids.shape[0] for i in ids):
         raise ConfigError(f"{path}: cluster ids {ids} outside 0..{medoids.shape[0] - 1}; the file is damaged")
-    images = frozenset(str(r["image"]) for rank in ranks for r in by_rank[rank].get("regions") or [])
-    return Discovery(
-        classes=list(doc["classes"]),
-        medoids=medoids,
-        spurious_ids=ids,
-        audit=dict(doc["audit"]),
-        path=str(path),
-        spurious_images=images,
-    )
+    images = frozenset(r.image for c in chosen for r in c.regions)
+    return Target(discovery=disc, medoids=medoids, spurious_ids=ids, path=str(path), spurious_images=images)
 
 
-def audited_model(disc: Discovery, override: str | None) -> tuple[str, str | None]:
+def audited_model(disc: Target, override: str | None) -> tuple[str, str | None]:
     """(architecture, checkpoint) of the audited model, checked against discovery.json's sha256."""
-    model = disc.audit.get("model") or {}
-    name, recorded, sha = model.get("name"), model.get("pretrained"), model.get("checkpoint_sha256")
-    if not name:
-        raise ConfigError(f"{disc.path}: the audit record names no model; rerun cluster with this ravl-engine")
+    model = disc.audit.model
+    name, recorded, sha = model.name, model.pretrained, model.checkpoint_sha256
     path = override if override is not None else recorded
     if sha is not None:
         if path is None or not Path(path).is_file():
@@ -126,7 +117,7 @@ class TrainSet:
 
 def embed_regions(
     cfg: MitigateConfig,
-    disc: Discovery,
+    disc: Target,
     rows: Sequence[ManifestRow],
     work_dir: str,
     name: str,
@@ -137,24 +128,24 @@ def embed_regions(
     from ravl_engine.embed import EmbedConfig, run_embed  # noqa: PLC0415
 
     audit = disc.audit
-    proposer = audit.get("proposer") or {}
-    proposer_name = cfg.proposer or proposer.get("name") or "quadrants"
-    same = proposer_name == proposer.get("name")
+    proposer = audit.proposer
+    proposer_name = cfg.proposer or proposer.name
+    same = proposer_name == proposer.name
     embed_cfg = EmbedConfig(
         data=cfg.train,
         out=work_dir,
         model=name,
         pretrained=path,
         proposer=proposer_name,
-        proposer_options=dict(proposer.get("options") or {}) if same else {},
-        max_boxes=proposer.get("max_boxes"),
-        min_box_size=proposer.get("min_box_size", 1.0),
-        score_threshold=proposer.get("score_threshold"),
-        whole_image=bool(proposer.get("whole_image", False)),
-        region_mode=audit.get("region_mode") or "auto",
+        proposer_options=dict(proposer.options) if same else {},
+        max_boxes=proposer.max_boxes,
+        min_box_size=proposer.min_box_size,
+        score_threshold=proposer.score_threshold,
+        whole_image=proposer.whole_image,
+        region_mode=audit.region_mode,
         resize=resize,
         classes=tuple(disc.classes),
-        templates=tuple(audit.get("templates") or DEFAULT_TEMPLATES),
+        templates=audit.templates or DEFAULT_TEMPLATES,
         device=cfg.device,
     )
     if proposer_name == "manifest" and any(r.boxes is None for r in rows):
@@ -168,7 +159,7 @@ def embed_regions(
         raise ConfigError(f"{err} (for mitigate: pass another --work-dir)") from err
 
 
-def prepare(cfg: MitigateConfig, disc: Discovery, size: int, mean: Sequence[float], std: Sequence[float]) -> TrainSet:
+def prepare(cfg: MitigateConfig, disc: Target, size: int, mean: Sequence[float], std: Sequence[float]) -> TrainSet:
     """Propose + embed the fine-tuning regions with the audited model, assign them to the medoids, parse captions."""
 
     rows = read_manifest(cfg.train)
@@ -177,7 +168,7 @@ def prepare(cfg: MitigateConfig, disc: Discovery, size: int, mean: Sequence[floa
         raise ConfigError(f"{cfg.train}: row {missing[0] + 1} has no caption; mitigation needs a 'caption' column")
     name, path = audited_model(disc, cfg.region_model)
     work_dir = cfg.work_dir or cfg.out + ".regions"
-    resize = cfg.resize or disc.audit.get("resize") or "squash"
+    resize = cfg.resize or disc.audit.resize
     embed_regions(cfg, disc, rows, work_dir, name, path, resize)
     run = read_run(work_dir)
     data = run.data

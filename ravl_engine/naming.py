@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ravl_engine.documents import RunRecord
 from ravl_engine.errors import ConfigError, RavlEngineError, RavlEngineWarning
 from ravl_engine.zeroshot import DEFAULT_TEMPLATES, class_text_embeddings
 
@@ -89,11 +90,11 @@ def top_names(scores: Tensor, phrases: Sequence[str], *, top: int = 5) -> list[l
     ]
 
 
-def phrase_embeddings(manifest: Mapping[str, Any], phrases: Sequence[str], *, checkpoint: str | None = None) -> Tensor:
+def phrase_embeddings(record: RunRecord, phrases: Sequence[str], *, checkpoint: str | None = None) -> Tensor:
     """[P, D] unit rows: each phrase through the run's text tower, averaged over the run's prompt templates.
 
     Args:
-        manifest: the run's manifest.json (model name, checkpoint path and sha256, templates).
+        record: the run's record (model name, checkpoint path and sha256, templates).
         phrases: the vocabulary.
         checkpoint: the audited checkpoint's current path, if it moved since ``embed`` (its sha256 must match).
 
@@ -103,9 +104,8 @@ def phrase_embeddings(manifest: Mapping[str, Any], phrases: Sequence[str], *, ch
     from ravl_engine.models import load_clip  # noqa: PLC0415  (open_clip is heavy)
     from ravl_engine.shards import sha256_file  # noqa: PLC0415
 
-    model = manifest.get("model", {})
-    pretrained = checkpoint or model.get("pretrained")
-    expected = model.get("checkpoint_sha256")
+    pretrained = checkpoint or record.model.pretrained
+    expected = record.model.checkpoint_sha256
     if expected is not None:
         if not pretrained or not Path(pretrained).is_file():
             raise ConfigError(
@@ -115,8 +115,8 @@ def phrase_embeddings(manifest: Mapping[str, Any], phrases: Sequence[str], *, ch
             raise ConfigError(
                 f"checkpoint {pretrained} changed since embed (sha256 differs); pass the audited one (--checkpoint)"
             )
-    loaded = load_clip(model.get("name", "ravl-tiny-rn"), pretrained)
-    templates = tuple(manifest.get("templates") or DEFAULT_TEMPLATES)
+    loaded = load_clip(record.model.name, pretrained)
+    templates = record.templates or DEFAULT_TEMPLATES
     parts = [
         class_text_embeddings(loaded.model, loaded.tokenizer, phrases[i : i + TEXT_BATCH], templates)
         for i in range(0, len(phrases), TEXT_BATCH)
@@ -125,7 +125,7 @@ def phrase_embeddings(manifest: Mapping[str, Any], phrases: Sequence[str], *, ch
 
 
 def name_clusters(
-    manifest: Mapping[str, Any],
+    record: RunRecord,
     phrases: Sequence[str],
     sums: Tensor,
     counts: Tensor,
@@ -139,7 +139,7 @@ def name_clusters(
     that says why: discovery itself needs no model.
     """
     try:
-        text = phrase_embeddings(manifest, phrases, checkpoint=checkpoint)
+        text = phrase_embeddings(record, phrases, checkpoint=checkpoint)
     except RavlEngineError as err:
         reason = f"clusters not named: {err}"
         warnings.warn(reason, RavlEngineWarning, stacklevel=2)

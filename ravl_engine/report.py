@@ -15,11 +15,13 @@ import base64
 import html
 import io
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ravl_engine.documents import Cluster, Discovery, Region, TableRow
 from ravl_engine.shards import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -86,11 +88,11 @@ def _data_uri(img: Any) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _open(region: dict[str, Any], folder: Path) -> Any:
+def _open(region: Region, folder: Path) -> Any:
     """The region's image as RGB, or None (logged) when it cannot be read."""
     from PIL import Image  # noqa: PLC0415
 
-    path = Path(region["image"])
+    path = Path(region.image)
     path = path if path.is_absolute() else folder / path
     try:
         with Image.open(path) as img:
@@ -100,7 +102,7 @@ def _open(region: dict[str, Any], folder: Path) -> Any:
         return None
 
 
-def _images(regions: list[dict[str, Any]], folder: Path, *, crops: int, context: int) -> tuple[list[str], list[str]]:
+def _images(regions: Sequence[Region], folder: Path, *, crops: int, context: int) -> tuple[list[str], list[str]]:
     """JPEG data URIs of the first ``crops`` regions cut out and of the first ``context`` whole images with the
     region's box drawn (regions in rank order; unreadable images skipped)."""
     from PIL import ImageDraw, ImageOps  # noqa: PLC0415
@@ -110,7 +112,7 @@ def _images(regions: list[dict[str, Any]], folder: Path, *, crops: int, context:
         img = _open(region, folder)
         if img is None:
             continue
-        x1, y1, x2, y2 = (float(v) for v in region["box"])
+        x1, y1, x2, y2 = (float(v) for v in region.box)
         if i < crops:
             box = (round(x1), round(y1), max(round(x2), round(x1) + 1), max(round(y2), round(y1) + 1))
             cut.append(_data_uri(ImageOps.pad(img.crop(box), (THUMB, THUMB), color=(40, 40, 40))))
@@ -128,10 +130,10 @@ def _pct(value: float) -> str:
     return f"{100 * value:.0f}%"
 
 
-def _chart(table: list[dict[str, Any]]) -> str:
+def _chart(table: Sequence[TableRow]) -> str:
     """Inline SVG bar chart: accuracy with (dark) and without (light) the feature per class, with y axis, legend and
     the image counts under each bar; the ``MAX_CHART_CLASSES`` classes that change most."""
-    rows = sorted(table, key=lambda r: -abs(r["acc_present"] - r["acc_absent"]))[:MAX_CHART_CLASSES]
+    rows = sorted(table, key=lambda r: -abs(r.acc_present - r.acc_absent))[:MAX_CHART_CLASSES]
     rows = [r for r in table if r in rows]  # back in class order
     left, top, height, group = 44, 26, 160, 58
     width = max(left + group * len(rows) + 10, 330)
@@ -154,11 +156,11 @@ def _chart(table: list[dict[str, Any]]) -> str:
     )
     for i, row in enumerate(rows):
         x0 = left + 8 + i * group
-        label = html.escape(str(row["class"]))
+        label = html.escape(str(row.class_name))
         for j, (acc, n, colour, what) in enumerate(
             (
-                (row["acc_present"], row["n_present"], "#b22222", "with"),
-                (row["acc_absent"], row["n_absent"], "#f4a582", "without"),
+                (row.acc_present, row.n_present, "#b22222", "with"),
+                (row.acc_absent, row.n_absent, "#f4a582", "without"),
             )
         ):
             x = x0 + j * 22
@@ -175,34 +177,25 @@ def _chart(table: list[dict[str, Any]]) -> str:
     return "".join(parts)
 
 
-def _name(cluster: dict[str, Any]) -> str:
-    names = cluster.get("names") or []
-    return str(names[0]["phrase"]) if names else ""
+def _name(cluster: Cluster) -> str:
+    return str(cluster.names[0].phrase) if cluster.names else ""
 
 
-def sentence(cluster: dict[str, Any]) -> str:
+def sentence(cluster: Cluster) -> str:
     """One plain-text sentence: how images with the cluster's regions change the accuracy of its class and of the
     class that loses most."""
-    rows = {str(r["class"]): r for r in cluster["table"]}
-    own = rows.get(str(cluster["class"]))
+    rows = {str(r.class_name): r for r in cluster.table}
+    own = rows.get(str(cluster.class_name))
     if own is None:
-        return f"Regions like these (cluster #{cluster['rank']}) change no scored class's accuracy."
-    verb = "raise" if own["acc_present"] >= own["acc_absent"] else "lower"
-    text = f"Regions like these {verb} class {own['class']}'s accuracy"
-    text += f" from {_pct(own['acc_absent'])} to {_pct(own['acc_present'])}"
-    others = [r for r in cluster["table"] if str(r["class"]) != str(cluster["class"])]
-    worst = min(others, key=lambda r: r["acc_present"] - r["acc_absent"], default=None)
-    if worst is not None and worst["acc_present"] < worst["acc_absent"]:
-        text += f" and drop {worst['class']}'s from {_pct(worst['acc_absent'])} to {_pct(worst['acc_present'])}"
+        return f"Regions like these (cluster #{cluster.rank}) change no scored class's accuracy."
+    verb = "raise" if own.acc_present >= own.acc_absent else "lower"
+    text = f"Regions like these {verb} class {own.class_name}'s accuracy"
+    text += f" from {_pct(own.acc_absent)} to {_pct(own.acc_present)}"
+    others = [r for r in cluster.table if str(r.class_name) != str(cluster.class_name)]
+    worst = min(others, key=lambda r: r.acc_present - r.acc_absent, default=None)
+    if worst is not None and worst.acc_present < worst.acc_absent:
+        text += f" and drop {worst.class_name}'s from {_pct(worst.acc_absent)} to {_pct(worst.acc_present)}"
     return text + "."
-
-
-def _count(cluster: dict[str, Any], key: str) -> int:
-    if key in cluster:
-        return int(cluster[key])
-    if key == "n_regions":
-        return len(cluster["regions"])
-    return len({r["image"] for r in cluster["regions"]})
 
 
 def _sort_key(value: Any) -> str:
@@ -212,10 +205,10 @@ def _sort_key(value: Any) -> str:
     return str(value)
 
 
-def _map(document: dict[str, Any], shown: set[int]) -> str:
+def _map(document: Discovery, shown: set[int]) -> str:
     """Inline SVG: every cluster's medoid projected on the first two principal components; ranked clusters are
     coloured, labelled with their rank and open on click; size follows the region count."""
-    medoids = np.asarray(document.get("medoids") or [], dtype=np.float64)
+    medoids = np.asarray(document.medoids, dtype=np.float64)
     if medoids.ndim != 2 or medoids.shape[0] < 2:
         return ""
     centred = medoids - medoids.mean(0)
@@ -225,9 +218,9 @@ def _map(document: dict[str, Any], shown: set[int]) -> str:
     span = np.where(hi - lo > 0, hi - lo, 1.0)
     w, h, pad = 440, 320, 24
     pos = pad + (xy - lo) / span * np.array([w - 2 * pad, h - 2 * pad])
-    sizes = np.asarray(document.get("cluster_sizes") or [1] * len(medoids), dtype=np.float64)
+    sizes = np.asarray(document.cluster_sizes or [1] * len(medoids), dtype=np.float64)
     radius = 3 + 9 * np.sqrt(sizes / max(sizes.max(), 1))
-    rank_of = {c["cluster_id"]: c["rank"] for c in document["clusters"] if c["rank"] in shown}
+    rank_of = {c.cluster_id: c.rank for c in document.clusters if c.rank in shown}
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-size="11" role="img">'
         f'<rect width="{w}" height="{h}" fill="#fafafa" stroke="#ccc"/>'
@@ -251,15 +244,15 @@ def _map(document: dict[str, Any], shown: set[int]) -> str:
     return "".join(parts)
 
 
-def render_report(document: dict[str, Any], *, image_folder: Path, top: int = TOP_CROPS) -> str:
+def render_report(document: Discovery, *, image_folder: Path, top: int = TOP_CROPS) -> str:
     """The report's HTML for a discovery.json document (``top`` crops per cluster)."""
-    clusters = document["clusters"][:MAX_CLUSTERS]
+    clusters = document.clusters[:MAX_CLUSTERS]
     esc = html.escape
-    more = len(document["clusters"]) - len(clusters)
+    more = len(document.clusters) - len(clusters)
     out = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>ravl-engine audit</title>",
         f"<style>{STYLE}</style></head><body><h1>ravl-engine audit</h1>",
-        f"<p>K = {document['k']} clusters; {len(document['clusters'])} passed RaVL's filter, ranked by performance gap"
+        f"<p>K = {document.k} clusters; {len(document.clusters)} passed RaVL's filter, ranked by performance gap"
         + (f" (the first {MAX_CLUSTERS} are shown, {more} more are in discovery.json)" if more else "")
         + ".</p>",
     ]
@@ -270,8 +263,8 @@ def render_report(document: dict[str, Any], *, image_folder: Path, top: int = TO
         for c in clusters:
             name = f" “{esc(_name(c))}”" if _name(c) else ""
             out.append(
-                f"<li><a href='#cluster-{c['rank']}' data-open='{c['rank']}'>#{c['rank']}{name}, class "
-                f"{esc(str(c['class']))}</a>: {esc(sentence(c))}</li>"
+                f"<li><a href='#cluster-{c.rank}' data-open='{c.rank}'>#{c.rank}{name}, class "
+                f"{esc(str(c.class_name))}</a>: {esc(sentence(c))}</li>"
             )
         out.append("</ol><div class='top'><table id='clusters'><thead><tr>")
         for key in ("rank", "name", "class", "gap", "influence", "regions", "images"):
@@ -279,42 +272,41 @@ def render_report(document: dict[str, Any], *, image_folder: Path, top: int = TO
         out.append("</tr></thead><tbody>")
         for c in clusters:
             cells = [
-                (c["rank"], str(c["rank"])),
+                (c.rank, str(c.rank)),
                 (_name(c), esc(_name(c))),
-                (str(c["class"]), esc(str(c["class"]))),
-                (c["gap"], f"{c['gap']:.3f}"),
-                (c["influence"], f"{c['influence']:.3f}"),
-                (_count(c, "n_regions"), str(_count(c, "n_regions"))),
-                (_count(c, "n_images"), str(_count(c, "n_images"))),
+                (str(c.class_name), esc(str(c.class_name))),
+                (c.gap, f"{c.gap:.3f}"),
+                (c.influence, f"{c.influence:.3f}"),
+                (c.n_regions, str(c.n_regions)),
+                (c.n_images, str(c.n_images)),
             ]
             row = "".join(f"<td data-v='{esc(_sort_key(v), quote=True)}'>{text}</td>" for v, text in cells)
-            out.append(f"<tr data-open='{c['rank']}'>{row}</tr>")
+            out.append(f"<tr data-open='{c.rank}'>{row}</tr>")
         out.append("</tbody></table>")
         out.append(
-            "<figure>" + _map(document, {c["rank"] for c in clusters}) + "<figcaption>Cluster medoids, first two "
+            "<figure>" + _map(document, {c.rank for c in clusters}) + "<figcaption>Cluster medoids, first two "
             "principal components; red: ranked (click to open), size: regions.</figcaption></figure></div>"
         )
-    naming = document.get("naming") or {}
-    if naming.get("status") == "skipped":
-        out.append(f"<p><i>Clusters are not named: {esc(str(naming.get('reason', '')))}</i></p>")
+    naming = document.naming
+    if naming.status == "skipped":
+        out.append(f"<p><i>Clusters are not named: {esc(str(naming.reason or ''))}</i></p>")
     for c in clusters:
-        crops, context = _images(c["regions"], image_folder, crops=top, context=TOP_CONTEXT)
+        crops, context = _images(c.regions, image_folder, crops=top, context=TOP_CONTEXT)
         name = f" “{esc(_name(c))}”" if _name(c) else ""
-        out.append(f"<section class='cluster' id='cluster-{c['rank']}' data-rank='{c['rank']}'>")
-        out.append(f"<h2>#{c['rank']}{name}: class {esc(str(c['class']))}</h2><p>{esc(sentence(c))}</p>")
+        out.append(f"<section class='cluster' id='cluster-{c.rank}' data-rank='{c.rank}'>")
+        out.append(f"<h2>#{c.rank}{name}: class {esc(str(c.class_name))}</h2><p>{esc(sentence(c))}</p>")
         out.append(
-            f"<p>gap {c['gap']:.3f}, influence {c['influence']:.3f}, {_count(c, 'n_regions')} regions in "
-            f"{_count(c, 'n_images')} images (top {len(crops)} shown, most similar to the medoid first)</p>"
+            f"<p>gap {c.gap:.3f}, influence {c.influence:.3f}, {c.n_regions} regions in "
+            f"{c.n_images} images (top {len(crops)} shown, most similar to the medoid first)</p>"
         )
-        if c.get("names"):
-            out.append("<p>Names (score: " + esc(str(naming.get("score", "similarity"))) + "):</p><ol class='names'>")
-            out.extend(f"<li>{esc(n['phrase'])} ({n['score']:+.4f})</li>" for n in c["names"])
+        if c.names:
+            out.append("<p>Names (score: " + esc(str(naming.score or "similarity")) + "):</p><ol class='names'>")
+            out.extend(f"<li>{esc(n.phrase)} ({n.score:+.4f})</li>" for n in c.names)
             out.append("</ol>")
-        out.append(_chart(c["table"]))
+        out.append(_chart(c.table))
         out.append("<h3>Top regions</h3><div class='crops'>")
         out.extend(
-            f"<img alt='region {i + 1} of cluster {c['rank']}' loading='lazy' src='{uri}'>"
-            for i, uri in enumerate(crops)
+            f"<img alt='region {i + 1} of cluster {c.rank}' loading='lazy' src='{uri}'>" for i, uri in enumerate(crops)
         )
         out.append("</div><h3>In context</h3><div class='context'>")
         out.extend(f"<img alt='image of region {i + 1}' loading='lazy' src='{uri}'>" for i, uri in enumerate(context))
@@ -323,21 +315,21 @@ def render_report(document: dict[str, Any], *, image_folder: Path, top: int = TO
     return "\n".join(out)
 
 
-def write_report(document: dict[str, Any], path: Path, *, image_folder: Path, top: int = TOP_CROPS) -> Path:
+def write_report(document: Discovery, path: Path, *, image_folder: Path, top: int = TOP_CROPS) -> Path:
     """Write the report next to discovery.json (temporary name, then rename)."""
     page = render_report(document, image_folder=image_folder, top=top)
     write_atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return path
 
 
-def summary_table(document: dict[str, Any], *, max_clusters: int = 10) -> str:
+def summary_table(document: Discovery, *, max_clusters: int = 10) -> str:
     """Plain-text table of the ranked clusters (for the terminal)."""
     lines = [f"{'rank':>4}  {'name':<20} {'class':<12} {'gap':>7} {'influence':>9} {'regions':>8} {'images':>7}"]
-    for c in document["clusters"][:max_clusters]:
+    for c in document.clusters[:max_clusters]:
         lines.append(
-            f"{c['rank']:>4}  {_name(c)[:20]:<20} {str(c['class']):<12} {c['gap']:>7.3f} {c['influence']:>9.3f} "
-            f"{_count(c, 'n_regions'):>8} {_count(c, 'n_images'):>7}"
+            f"{c.rank:>4}  {_name(c)[:20]:<20} {str(c.class_name):<12} {c.gap:>7.3f} {c.influence:>9.3f} "
+            f"{c.n_regions:>8} {c.n_images:>7}"
         )
-    if not document["clusters"]:
+    if not document.clusters:
         lines.append("   -  no spurious region cluster found")
     return "\n".join(lines)

@@ -40,7 +40,7 @@ def random_scores(n: int, c: int, *, seed: int = 0, sharp: float = 2.0) -> np.nd
 
 @pytest.fixture
 def planted_small():
-    from ravl_engine.synth import planted_embeddings
+    from ravl_engine.planted import planted_embeddings
 
     return planted_embeddings(1200, dim=32, num_classes=4, seed=3)
 

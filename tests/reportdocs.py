@@ -15,6 +15,40 @@ def table(rows: list[tuple[str, float, int, float, int]]) -> list[dict[str, Any]
     ]
 
 
+AUDIT = {
+    "model": {"name": "ravl-tiny-rn", "pretrained": None, "checkpoint_sha256": None},
+    "proposer": {
+        "name": "quadrants",
+        "options": {},
+        "max_boxes": None,
+        "min_box_size": 1.0,
+        "score_threshold": None,
+        "whole_image": False,
+    },
+    "region_mode": "roi",
+    "resize": "squash",
+    "templates": ["a photo of a {}."],
+    "run_dir_data": "/data/eval.csv",
+}
+
+
+def cluster_dict(rank: int, class_name: str | None, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A discovery.json cluster with the given rank, class and table (no names, no regions)."""
+    return {
+        "rank": rank,
+        "cluster_id": rank - 1,
+        "class": class_name,
+        "gap": 0.5,
+        "influence": 0.5,
+        "names": [],
+        "n_regions": 0,
+        "n_images": 0,
+        "table": rows,
+        "medoid": [1.0, 0.0],
+        "regions": [],
+    }
+
+
 def synthetic_document(
     folder: Path,
     *,
@@ -63,7 +97,7 @@ def synthetic_document(
         "k": k,
         "classes": [str(c) for c in range(10)],
         "embedding_dim": dim,
-        "audit": {},
+        "audit": AUDIT,
         "naming": {"status": "named", "score": "mean cosine to the cluster's regions minus mean cosine to all regions"},
         "cluster_sizes": [regions_per_cluster] * k,
         "clusters": clusters,

@@ -184,7 +184,7 @@ def test_every_box_dropped_is_a_warning_in_the_summary_and_on_stderr(tmp_path, d
 
 
 def _discover_output(tmp_path):
-    """What `discover --out` writes: clusters that name regions by index only."""
+    """What `discover --out` wrote before its document was tagged: clusters that name regions by index only."""
     doc = {"k": 2, "clusters": [{"rank": 1, "class_index": 0, "region_indices": [0, 3], "table": []}]}
     path = tmp_path / "discover.json"
     path.write_text(json.dumps(doc))
@@ -195,11 +195,11 @@ def _discover_output(tmp_path):
 def test_evaluate_rejects_a_wrong_discovery_before_embedding(tmp_path, dataset, content):
     if content == "discover":
         discovery = _discover_output(tmp_path)
-        fragment = "cluster 1 has no 'regions' list"
+        fragment = "not a ravl-engine discovery.json (format None"
     else:
         discovery = tmp_path / "discovery.json"
         discovery.write_text(content)
-        fragment = "not a readable discovery.json" if content == "not json" else "no 'clusters' list"
+        fragment = "not a readable discovery.json" if content == "not json" else "not a ravl-engine discovery.json"
     work = tmp_path / "work"
     res = invoke("evaluate", "--data", dataset, "--discovery", discovery, "--work", work)
     one_error_line(res, str(discovery), fragment, "ravl-engine cluster")

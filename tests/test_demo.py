@@ -57,7 +57,7 @@ def test_evaluate_counts_groups_and_gaps():
 
 
 def test_reduced_demo_runs_end_to_end(tmp_path):
-    summary = run_demo(DemoConfig(out=str(tmp_path), n_train=300, n_eval=100, epochs=1))
+    summary = run_demo(DemoConfig(out=str(tmp_path), n_train=300, n_eval=100, epochs=1)).to_dict()
     assert set(summary) >= {"planted", "found", "found_planted_feature", "validity", "metrics", "paths", "seconds"}
     assert summary["planted"]["feature"] == "red square"
     doc = json.loads(open(summary["paths"]["discovery"]).read())

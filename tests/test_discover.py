@@ -12,7 +12,7 @@ import torch
 
 from ravl_engine import ConfigError, DiscoverConfig, RavlEngineWarning, discover
 from ravl_engine.discover import _as_float_matrix
-from ravl_engine.synth import KIND_FEATURE, planted_embeddings, precision_at_k
+from ravl_engine.planted import KIND_FEATURE, planted_embeddings, precision_at_k
 from tests.conftest import random_scores, unit_rows
 from tests.oracles import dense_discover
 
@@ -31,7 +31,9 @@ def test_planted_feature_is_the_top_cluster(planted_small):
     # most of the cluster is the feature, and the feature mostly lands in top clusters
     assert (planted_small.region_kind[top.region_indices] == KIND_FEATURE).mean() > 0.9
     assert top.influence >= 0.25 and top.gap > 0
-    assert result.k in range(8, 20)
+    # the sweep ran [2C, 5C) for C = 4 and kept the K of the best silhouette
+    assert list(result.silhouettes) == list(range(8, 20))
+    assert result.silhouettes[result.k] == max(result.silhouettes.values())
     table = {row.class_index: row for row in top.table}
     spurious = table[planted_small.spurious_class]
     assert spurious.acc_present > spurious.acc_absent
@@ -194,17 +196,23 @@ def test_fewer_regions_than_k_is_a_clear_error():
     assert result.k == 3
 
 
-def test_half_precision_is_upcast():
-    """bf16 rows run as the float32 rows they round to: the same K, assignments, medoids and ranking."""
-    args = _valid()
-    args[0] = torch.as_tensor(args[0]).to(torch.bfloat16)
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_half_precision_is_upcast(planted_small, half):
+    """Half-precision rows run as the float32 rows they round to: the same K, assignments, medoids, ranking and
+    scores (a run in half precision would round the similarities and differ)."""
+    args = list(_args(planted_small))
+    args[0] = torch.as_tensor(args[0]).to(half)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RavlEngineWarning)  # bf16 rounding moves norms a little
+        warnings.simplefilter("ignore", RavlEngineWarning)  # half rounding moves norms a little
         got = discover(*args)
         ref = discover(args[0].float(), *args[1:])
+    assert ref.clusters, "the planted feature gives clusters to compare"
     assert got.k == ref.k and got.silhouettes == ref.silhouettes
     assert np.array_equal(got.assignments, ref.assignments) and np.array_equal(got.medoids, ref.medoids)
     assert [c.cluster_id for c in got.clusters] == [c.cluster_id for c in ref.clusters]
+    for a, b in zip(got.clusters, ref.clusters, strict=True):
+        assert a.similarities.dtype == b.similarities.dtype and np.array_equal(a.similarities, b.similarities)
+        assert a.gap == b.gap and a.influence == b.influence
 
 
 @pytest.mark.gpu

@@ -56,6 +56,7 @@ def dataset(tmp_path_factory):
     return write_digit_dataset(tmp_path_factory.mktemp("digits"), n_images=36)
 
 
+@pytest.mark.slow  # two gloo processes
 def test_two_ranks_embed_the_same_arrays_as_one_process(dataset, tmp_path):
     single = tmp_path / "single"
     run_embed(EmbedConfig(data=str(dataset), out=str(single), shard_size=8, batch_size=4))
@@ -68,6 +69,7 @@ def test_two_ranks_embed_the_same_arrays_as_one_process(dataset, tmp_path):
     _same(_arrays(single), _arrays(multi))
 
 
+@pytest.mark.slow  # two gloo processes, run twice
 def test_a_rank_that_dies_leaves_complete_shards_and_a_rerun_resumes(dataset, tmp_path):
     reference = tmp_path / "ref"
     run_embed(EmbedConfig(data=str(dataset), out=str(reference), shard_size=8, batch_size=4))
@@ -111,7 +113,7 @@ def _cluster_worker(rank: int, world: int, run_dir: str, out: str) -> None:
     from ravl_engine.cluster import ClusterConfig, run_cluster
 
     result = run_cluster(ClusterConfig(run_dir=run_dir, out=out, report=False))
-    Path(out, f"rank{rank}.json").write_text(json.dumps(result.document))
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result.document.to_dict()))
 
 
 def _ranked(doc: dict) -> list:
@@ -128,7 +130,8 @@ def test_two_ranks_discover_what_one_process_does(dataset, tmp_path):
 
     run_dir = tmp_path / "run"
     run_embed(EmbedConfig(data=str(dataset), out=str(run_dir), shard_size=8, batch_size=4))
-    single = run_cluster(ClusterConfig(run_dir=str(run_dir), out=str(tmp_path / "one"), report=False)).document
+    single = run_cluster(ClusterConfig(run_dir=str(run_dir), out=str(tmp_path / "one"), report=False))
+    single = single.document.to_dict()
     sharded = run_cluster(
         ClusterConfig(
             run_dir=str(run_dir),
@@ -136,7 +139,7 @@ def test_two_ranks_discover_what_one_process_does(dataset, tmp_path):
             report=False,
             discover=DiscoverConfig(strategy="sharded"),
         )
-    ).document
+    ).document.to_dict()
     out = tmp_path / "two"
     assert run_ranks(_cluster_worker, str(run_dir), str(out)) == [0, 0]
     docs = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
@@ -150,11 +153,11 @@ def test_two_ranks_discover_what_one_process_does(dataset, tmp_path):
 
 def _discover_worker(rank: int, world: int, split: list[int], path: str) -> None:
     import torch
-    from ravl_engine.kernels.sharded import TorchComm
 
     from ravl_engine.config import DiscoverConfig
     from ravl_engine.discover import run_discover
-    from ravl_engine.synth import planted_embeddings
+    from ravl_engine.distributed import TorchComm
+    from ravl_engine.planted import planted_embeddings
 
     ps = planted_embeddings(1200, dim=32, num_classes=4, seed=3)
     start = sum(split[:rank])
@@ -171,13 +174,14 @@ def _discover_worker(rank: int, world: int, split: list[int], path: str) -> None
     torch.save(result, f"{path}.{rank}")
 
 
-@pytest.mark.parametrize("split", [[600, 600], pytest.param([1001, 199], marks=pytest.mark.slow)])
+@pytest.mark.slow  # two gloo processes; tests/test_sharded.py keeps a fast two-rank case
+@pytest.mark.parametrize("split", [[600, 600], [1001, 199]])
 def test_two_ranks_rank_the_same_clusters_as_one_process(tmp_path, split):
     import torch
 
     from ravl_engine.config import DiscoverConfig
     from ravl_engine.discover import run_discover
-    from ravl_engine.synth import planted_embeddings
+    from ravl_engine.planted import planted_embeddings
 
     ps = planted_embeddings(1200, dim=32, num_classes=4, seed=3)
     args = (ps.region_embeddings, ps.num_regions, ps.image_labels, ps.image_scores, ps.region_scores)
@@ -197,12 +201,11 @@ def test_two_ranks_rank_the_same_clusters_as_one_process(tmp_path, split):
 
 
 def _bad_rows_worker(rank: int, world: int, path: str) -> None:
-    from ravl_engine.kernels.sharded import TorchComm
-
     from ravl_engine.config import DiscoverConfig
     from ravl_engine.discover import run_discover
+    from ravl_engine.distributed import TorchComm
     from ravl_engine.errors import ConfigError
-    from ravl_engine.synth import planted_embeddings
+    from ravl_engine.planted import planted_embeddings
 
     ps = planted_embeddings(400, dim=16, num_classes=2, seed=0)
     x = ps.region_embeddings.copy()
@@ -222,6 +225,7 @@ def _bad_rows_worker(rank: int, world: int, path: str) -> None:
         Path(f"{path}.{rank}").write_text(str(err))
 
 
+@pytest.mark.slow  # two gloo processes
 def test_bad_rows_on_one_rank_stop_every_rank(tmp_path):
     path = str(tmp_path / "error")
     assert run_ranks(_bad_rows_worker, path) == [0, 0]
@@ -298,9 +302,10 @@ def _step_worker(rank: int, world: int, method: str, path: str) -> None:
     torch.save(_one_step(method, rank, world), f"{path}.{rank}")
 
 
+@pytest.mark.slow  # two gloo processes per method
 @pytest.mark.parametrize(
     "method",
-    ["ravl", pytest.param("vl-gdro", marks=pytest.mark.slow), pytest.param("standard", marks=pytest.mark.slow)],
+    ["ravl", "vl-gdro", "standard"],
 )
 def test_a_ddp_step_equals_one_process_on_the_global_batch(tmp_path, method):
     import torch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import h5py
@@ -170,6 +171,10 @@ def test_cli_embed_then_cluster_writes_discovery_json(dataset, tmp_path):
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "discovery.json").read_text())
     assert doc["k"] == 6 and doc["classes"] == ["0", "1", "2"]
+    # the random-init tower need not tie anything to a class: with no filter, the same writer lists all 6 clusters
+    every = DiscoverConfig(k=6, influence_threshold=-math.inf, two_sign_rule=False)
+    doc = run_cluster(ClusterConfig(run_dir=str(run_dir), out=str(tmp_path / "all"), discover=every)).document
+    assert len(doc["clusters"]) == 6
     for rank, cluster in enumerate(doc["clusters"], start=1):
         assert cluster["rank"] == rank and cluster["class"] in doc["classes"]
         assert len(cluster["medoid"]) == 64
@@ -216,6 +221,7 @@ def _embed_and_die_after_two_shards(data: str, out: str) -> None:
     run_embed(_cfg(data, out), on_shard=die)
 
 
+@pytest.mark.slow  # a subprocess killed mid-run; in-process resume is tested above
 def test_a_killed_process_leaves_complete_shards_and_a_rerun_resumes(dataset, tmp_path):
     import multiprocessing
 
@@ -241,8 +247,8 @@ def test_a_killed_process_leaves_complete_shards_and_a_rerun_resumes(dataset, tm
 
 
 def test_parquet_manifest(tmp_path):
-    pq = pytest.importorskip("pyarrow.parquet")
-    import pyarrow as pa
+    import pyarrow as pa  # a declared dependency: imported, never skipped
+    import pyarrow.parquet as pq
 
     csv_manifest = write_digit_dataset(tmp_path, n_images=4)
     import csv
@@ -267,3 +273,51 @@ def test_cli_embed_bad_input_is_one_line_and_nonzero(dataset, tmp_path):
         main, ["embed", "--data", str(dataset), "--out", str(tmp_path / "r2"), "--no-progress", "--proposer", "nope"]
     )
     assert res.exit_code != 0 and "unknown proposer 'nope'; choose one of" in res.output
+
+
+def test_the_per_shard_worker_takes_injected_parts(dataset, tmp_path):
+    """embed_shard is the reader / proposer / embedder / writer of one shard: an injected embedder's arrays land in
+    the shard as given, with the proposer's boxes scaled to the input (56 px images fitted to the 64 px input)."""
+    import torch
+    from ravl_engine.proposers import build_proposer
+
+    from ravl_engine.embed import ShardJob, embed_shard
+    from ravl_engine.manifest import read_manifest
+    from ravl_engine.shards import plan_shards, read_shard
+
+    seen: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+
+    def embedder(pixels, boxes):  # image i -> e_(i mod 4); region j of image i -> e_(4 + j)
+        seen.append((pixels, list(boxes)))
+        eye = torch.eye(8)
+        img = eye[torch.arange(pixels.shape[0]) % 4]
+        reg = torch.cat([eye[4 + torch.arange(b.shape[0])] for b in boxes])
+        return img, reg
+
+    rows = read_manifest(dataset)
+    job = ShardJob(
+        rows=rows,
+        proposer=build_proposer("quadrants"),
+        proposer_name="quadrants",
+        embedder=embedder,
+        dim=8,
+        size=64,
+        resize="squash",
+        batch_size=3,
+        num_workers=0,
+        label_index={"0": 0, "1": 1, "2": 2},
+    )
+    spec = plan_shards(len(rows), 8)[1]  # images 8..15
+    seconds: dict[str, float] = {}
+    entry = embed_shard(job, spec, tmp_path / spec.name, seconds=seconds)
+    assert entry["n_images"] == 8 and entry["n_regions"] == 32 and entry["failures"] == []
+    assert set(seconds) == {"read", "propose", "embed", "write"}
+    assert [p.shape[0] for p, _ in seen] == [3, 3, 2]  # the reader's batches
+    assert all(p.dtype == torch.uint8 and p.shape[1:] == (3, 64, 64) for p, _ in seen)
+    assert torch.allclose(seen[0][1][0][1], torch.tensor([32.0, 0.0, 64.0, 32.0]))  # 56 px quadrant -> 64 px input
+    data = read_shard(tmp_path / spec.name)
+    assert data.ids == [r.image for r in rows[8:16]]
+    assert data.labels.tolist() == [int(r.label) for r in rows[8:16]]
+    assert data.boxes[:4].tolist() == [[0, 0, 28, 28], [28, 0, 56, 28], [0, 28, 28, 56], [28, 28, 56, 56]]
+    assert np.array_equal(data.image_emb.argmax(1), np.array([0, 1, 2, 0, 1, 2, 0, 1]))  # i mod 4 per batch of 3
+    assert np.array_equal(data.region_emb.argmax(1), np.tile([4, 5, 6, 7], 8))

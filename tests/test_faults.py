@@ -234,7 +234,8 @@ STAGES = ("embed", "cluster", "finetune", "mitigate")
 SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("stage", [pytest.param(s, marks=() if s == "cluster" else SLOW) for s in STAGES])
+@SLOW  # a subprocess per kill point; the checker itself is tested fast below
+@pytest.mark.parametrize("stage", STAGES)
 def test_a_kill_at_a_random_write_leaves_complete_files_or_none_and_a_rerun_finishes(stage, inputs, tmp_path):
     _fault_case(stage, 0, inputs, tmp_path)
 

@@ -9,19 +9,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ravl_engine.kernels.backends import FaissBackend, TorchBackend, faiss_available
-from ravl_engine.kernels.kmedoids import (
-    MedoidBank,
-    _cluster_sums,
-    _move_members,
-    fit_kmedoids,
-    fit_kmedoids_batch,
-    fit_kmedoids_search,
-    group_rows,
-    kmedoids_pp_init,
-    kmedoids_sweep,
-    member_keys,
-)
+from ravl_engine.kernels.backends import FaissBackend, TorchBackend
+from ravl_engine.kernels.bank import MedoidBank, cluster_sums, group_rows, member_keys, move_members
+from ravl_engine.kernels.kmedoids import fit_kmedoids, fit_kmedoids_batch, kmedoids_sweep
+from ravl_engine.kernels.seeding import kmedoids_pp_init
+from ravl_engine.kernels.sharded import fit_kmedoids_search
 
 from tests.conftest import clustered_rows, unit_rows
 from tests.oracles import dense_distance, dense_kmedoids, dense_kpp_init
@@ -198,7 +190,7 @@ def test_member_sums_and_keys_equal_a_direct_sum():
                     keys[f * k_max + c] += point_keys[m]
         return sums, keys
 
-    sums, keys = _cluster_sums(x, point_keys, local + offsets, k_max=k_max)
+    sums, keys = cluster_sums(x, point_keys, local + offsets, k_max=k_max)
     want_sums, want_keys = direct(local)
     torch.testing.assert_close(sums, want_sums, rtol=0, atol=1e-12)
     assert torch.equal(keys, want_keys)
@@ -208,7 +200,7 @@ def test_member_sums_and_keys_equal_a_direct_sum():
     many[:, :200] = 5  # many rows switch in every fit, but the fits stay alike: rebuilt
     for moved in (few, many):
         switched = moved != local
-        got_sums, got_keys = _move_members(
+        got_sums, got_keys = move_members(
             sums.clone(), keys.clone(), x, point_keys, local + offsets, moved + offsets, switched, k_max=k_max
         )
         want_sums, want_keys = direct(moved)
@@ -252,8 +244,7 @@ def test_search_strategy_equals_cached_torch_backend():
     assert search.n_iter == cached.n_iter
 
 
-@pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
-def test_search_strategy_with_faiss_equals_cached():
+def test_search_strategy_with_faiss_equals_cached():  # faiss is a declared dependency: never skipped
     x = clustered_rows(800, 16, 8, spread=0.5, seed=11, dtype=torch.float32)
     init, _ = kmedoids_pp_init(x, 8, generator=torch.Generator().manual_seed(2))
     cached = fit_kmedoids(x, init)
@@ -262,7 +253,6 @@ def test_search_strategy_with_faiss_equals_cached():
     assert search.labels.tolist() == cached.labels.tolist()
 
 
-@pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
 def test_faiss_and_torch_backends_agree():
     x = unit_rows(1000, 12, seed=12, dtype=torch.float32)
     centers = x[:17]

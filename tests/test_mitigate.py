@@ -23,9 +23,9 @@ from ravl_engine.mitigate import (
     MitigateConfig,
     _GroupDRO,
     caption_classes,
-    read_discovery,
     run_mitigate,
 )
+from ravl_engine.mitigate_prep import read_target
 from ravl_engine.models import load_clip
 from ravl_engine.shards import read_run
 from tests.conftest import write_digit_dataset
@@ -53,7 +53,16 @@ def _discovery(run_dir: Path, path: Path, *, spurious_medoid=None, dim=None, mod
         "embedding_dim": int(medoids.shape[1]),
         "audit": audit,
         "clusters": [
-            {"rank": 1, "cluster_id": 0, "class": run.classes[0], "gap": 1.0, "influence": 1.0, "regions": []}
+            {
+                "rank": 1,
+                "cluster_id": 0,
+                "class": run.classes[0],
+                "gap": 1.0,
+                "influence": 1.0,
+                "table": [],
+                "medoid": medoids[0].tolist(),
+                "regions": [],
+            }
         ],
         "medoids": medoids.tolist(),
     }
@@ -181,26 +190,32 @@ def test_empty_spurious_cluster_and_captions_without_classes(setting, tmp_path):
     assert run_mitigate(_cfg(setting, tmp_path, overwrite=True, **kw)).val_metric == "pseudo_group_worst_accuracy"
 
 
-def test_outdated_or_empty_discovery_files(tmp_path):
+def test_outdated_or_empty_discovery_files(setting, tmp_path):
+    good = json.loads(setting[2].read_text())
+
+    def doc(name: str, **change):
+        path = tmp_path / name
+        path.write_text(json.dumps({**good, **change}))
+        return path
+
+    assert read_target(setting[2], [1]).spurious_ids == [0]
     old = tmp_path / "old.json"
-    old.write_text(json.dumps({"k": 2, "classes": ["a", "b"], "clusters": []}))
+    old.write_text(json.dumps({k: v for k, v in good.items() if k != "medoids"}))
     with pytest.raises(ConfigError, match="older ravl-engine"):
-        read_discovery(old, [1])
-    none = tmp_path / "none.json"
-    none.write_text(json.dumps({"k": 1, "classes": ["a"], "clusters": [], "medoids": [[1.0, 0.0]], "audit": {}}))
+        read_target(old, [1])
     with pytest.raises(ConfigError, match="found no spurious cluster"):
-        read_discovery(none, [1])
-    bad = tmp_path / "bad.json"
-    clusters = [{"rank": 1, "cluster_id": 0}]
-    bad.write_text(json.dumps({"k": 1, "classes": ["a"], "clusters": clusters, "medoids": [[2.0, 0.0]], "audit": {}}))
+        read_target(doc("none.json", clusters=[]), [1])
+    with pytest.raises(ConfigError, match="--cluster 2 does not exist"):
+        read_target(setting[2], [2])
+    doubled = [[2 * v for v in m] for m in good["medoids"]]
     with pytest.raises(ConfigError, match="not unit vectors"):
-        read_discovery(bad, [1])
+        read_target(doc("bad.json", medoids=doubled), [1])
     with pytest.raises(ConfigError, match="not a readable"):
-        read_discovery(tmp_path / "missing.json", [1])
+        read_target(tmp_path / "missing.json", [1])
     other = tmp_path / "manifest.json"
     other.write_text(json.dumps({"format_version": 1, "shards": []}))
-    with pytest.raises(ConfigError, match="is not a discovery.json"):
-        read_discovery(other, [1])
+    with pytest.raises(ConfigError, match="not a ravl-engine discovery.json"):
+        read_target(other, [1])
 
 
 def test_fused_step_keeps_the_image_path_and_batch_statistics():

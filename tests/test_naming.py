@@ -151,17 +151,15 @@ def test_a_moved_or_changed_checkpoint_skips_names_with_a_warning(audited_run, t
         assert "Clusters are not named" in Path(result.report).read_text()
         # the new path, verified by its sha256, names them again
         named = _quick_cluster(run_dir, tmp_path / "b", moved)
-        assert named.document["naming"]["status"] == "named"
-        assert all(len(c["names"]) == 5 for c in named.document["clusters"])
+        assert named.document.naming.status == "named"
+        assert all(len(c.names) == 5 for c in named.document.clusters)
         changed = tmp_path / "changed.pt"
         changed.write_bytes(moved.read_bytes() + b"\0")
         with pytest.warns(RavlEngineWarning, match="changed since embed"):
             other = _quick_cluster(run_dir, tmp_path / "c", changed)
-        assert other.document["naming"]["status"] == "skipped"
+        assert other.document.naming.status == "skipped"
         # the ranking never depends on the names
-        assert [c["cluster_id"] for c in other.document["clusters"]] == [
-            c["cluster_id"] for c in named.document["clusters"]
-        ]
+        assert [c.cluster_id for c in other.document.clusters] == [c.cluster_id for c in named.document.clusters]
     finally:
         shutil.move(moved, checkpoint)
 

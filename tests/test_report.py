@@ -9,8 +9,9 @@ from html.parser import HTMLParser
 from PIL import Image
 
 from ravl_engine import report
+from ravl_engine.documents import Cluster, Discovery
 from ravl_engine.report import render_report, sentence, summary_table
-from tests.reportdocs import synthetic_document, table
+from tests.reportdocs import cluster_dict, synthetic_document, table
 
 
 class Page(HTMLParser):
@@ -55,22 +56,20 @@ def _decode(uri: str) -> Image.Image:
 
 
 def test_the_summary_sentence_says_which_class_gains_and_which_loses():
-    cluster = {
-        "rank": 1,
-        "class": "three",
-        "table": table([("three", 1.0, 10, 0.88, 50), ("nine", 0.0, 12, 0.73, 48), ("five", 0.4, 4, 0.5, 40)]),
-    }
-    assert sentence(cluster) == (
+    rows = table([("three", 1.0, 10, 0.88, 50), ("nine", 0.0, 12, 0.73, 48), ("five", 0.4, 4, 0.5, 40)])
+    assert sentence(Cluster.from_dict(cluster_dict(1, "three", rows))) == (
         "Regions like these raise class three's accuracy from 88% to 100% and drop nine's from 73% to 0%."
     )
-    cluster["table"] = table([("three", 0.5, 10, 0.75, 50), ("nine", 0.8, 12, 0.7, 48)])
-    assert sentence(cluster) == "Regions like these lower class three's accuracy from 75% to 50%."
+    rows = table([("three", 0.5, 10, 0.75, 50), ("nine", 0.8, 12, 0.7, 48)])
+    assert sentence(Cluster.from_dict(cluster_dict(1, "three", rows))) == (
+        "Regions like these lower class three's accuracy from 75% to 50%."
+    )
 
 
 def test_report_of_a_document(tmp_path):
     doc = synthetic_document(tmp_path, n_clusters=4, regions_per_cluster=30)
     doc["clusters"][1]["influence"] = float("-inf")
-    text = render_report(doc, image_folder=tmp_path)
+    text = render_report(Discovery.from_dict(doc), image_folder=tmp_path)
     assert "http" not in text.replace("http://www.w3.org/2000/svg", ""), "no network resource"
     page = Page()
     page.feed(text)
@@ -92,7 +91,7 @@ def test_report_of_a_document(tmp_path):
     assert min(inside) > 200
     assert "Regions like these raise class 0&#x27;s accuracy from 88% to 100% and drop 9&#x27;s from 73% to 0%." in text
     assert "phrase 2-4 (+0.1000)" in text and "zero-shot accuracy" in text and "without" in text
-    lines = summary_table(doc).splitlines()
+    lines = summary_table(Discovery.from_dict(doc)).splitlines()
     assert lines[0].split() == ["rank", "name", "class", "gap", "influence", "regions", "images"]
     assert lines[1].split()[:3] == ["1", "phrase", "0-0"]
 
@@ -100,13 +99,14 @@ def test_report_of_a_document(tmp_path):
 def test_report_size_is_bounded(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "MAX_CLUSTERS", 3)
     doc = synthetic_document(tmp_path, n_clusters=5, regions_per_cluster=2000)
-    text = render_report(doc, image_folder=tmp_path)
+    text = render_report(Discovery.from_dict(doc), image_folder=tmp_path)
     page = Page()
     page.feed(text)
     assert page.sections == ["1", "2", "3"] and len(page.rows) == 3
     assert len(page.images["crops"]) == 3 * report.TOP_CROPS and len(page.images["context"]) == 3 * report.TOP_CONTEXT
     assert "the first 3 are shown, 2 more are in discovery.json" in text
-    small = render_report(synthetic_document(tmp_path, n_clusters=5, regions_per_cluster=40), image_folder=tmp_path)
+    small_doc = synthetic_document(tmp_path, n_clusters=5, regions_per_cluster=40)
+    small = render_report(Discovery.from_dict(small_doc), image_folder=tmp_path)
     assert abs(len(text) - len(small)) < 200, "the size does not grow with the regions per cluster"
 
 
@@ -115,11 +115,12 @@ def test_report_without_clusters_names_or_images(tmp_path):
     doc["clusters"][0]["names"] = []
     doc["clusters"][0]["regions"][0]["image"] = "img/missing.png"
     doc["naming"] = {"status": "skipped", "reason": "clusters not named: the audited checkpoint x.pt is gone"}
-    text = render_report(doc, image_folder=tmp_path)
+    text = render_report(Discovery.from_dict(doc), image_folder=tmp_path)
     assert "Clusters are not named: clusters not named: the audited checkpoint x.pt is gone" in text
     page = Page()
     page.feed(text)
     assert len(page.images["crops"]) == 23 and page.rows[0][1] == ""
-    empty = render_report({"k": 3, "clusters": []}, image_folder=tmp_path)
+    none_found = Discovery.from_dict({**synthetic_document(tmp_path, n_clusters=1), "clusters": []})
+    empty = render_report(none_found, image_folder=tmp_path)
     assert "No spurious region cluster was found" in empty
-    assert summary_table({"clusters": []}).splitlines()[1].strip() == "-  no spurious region cluster found"
+    assert summary_table(none_found).splitlines()[1].strip() == "-  no spurious region cluster found"

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 
+from ravl_engine.documents import Discovery
 from ravl_engine.report import write_report
 from tests.reportdocs import synthetic_document
 
@@ -42,7 +43,7 @@ def _chromium():
 def test_report_works_in_chromium(tmp_path):
     doc = synthetic_document(tmp_path, n_clusters=5, regions_per_cluster=30)
     doc["clusters"][2]["influence"] = float("-inf")
-    path = write_report(doc, tmp_path / "report.html", image_folder=tmp_path)
+    path = write_report(Discovery.from_dict(doc), tmp_path / "report.html", image_folder=tmp_path)
     browser = _chromium()
     from selenium.webdriver.support.ui import WebDriverWait
 

@@ -53,6 +53,7 @@ def _embed_pausing_after_first_shard(data: str, out: str, holding, go) -> None:
     run_embed(_cfg(data, out), on_shard=pause)
 
 
+@pytest.mark.slow  # two embed processes; the lock itself is tested below
 def test_a_second_embed_on_the_same_directory_is_refused_and_the_first_finishes_intact(dataset, tmp_path):
     ctx = multiprocessing.get_context("spawn")
     holding, go = ctx.Event(), ctx.Event()

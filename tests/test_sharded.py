@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ravl_engine.kernels.kmedoids import kmedoids_pp_init, kmedoids_sweep
+from ravl_engine.kernels.kmedoids import kmedoids_sweep
+from ravl_engine.kernels.seeding import kmedoids_pp_init
 from ravl_engine.kernels.sharded import LocalComm, Shard, sharded_fit, sharded_pp_init, sharded_sweep
 
 from tests.conftest import clustered_rows
@@ -40,7 +41,7 @@ def test_duplicate_rows_and_every_row_a_center():
 
 
 def _worker(rank: int, world: int, split: list[int], path: str) -> None:
-    from ravl_engine.kernels.sharded import TorchComm
+    from ravl_engine.distributed import TorchComm
 
     x = _data()
     start = sum(split[:rank])
