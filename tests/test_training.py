@@ -19,7 +19,7 @@ from ravl_engine.embed import EmbedConfig, run_embed
 from ravl_engine.finetune import FinetuneConfig, run_finetune
 from ravl_engine.manifest import read_manifest
 from ravl_engine.mitigate import MitigateConfig, run_mitigate
-from ravl_engine.mitigate_prep import read_discovery
+from ravl_engine.mitigate_prep import read_target
 from ravl_engine.selection import in_selection_half, pseudo_group_set, split_halves
 from ravl_engine.shards import read_run
 from ravl_engine.training import LoopConfig, balanced_sampler, shuffle_sampler, train_loop
@@ -47,7 +47,7 @@ def _audited(root: Path, audit_set: Path, name: str, **embed) -> Path:
     owner = np.repeat(np.arange(len(run.data.ids)), run.data.num_regions)
     with_square = sorted({run.data.ids[i] for i in owner[labels == "square"]})
     doc = json.loads(path.read_text())
-    doc["clusters"][0]["regions"] = [{"image": i} for i in with_square]
+    doc["clusters"][0]["regions"] = [{"image": i, "box": [0, 0, 28, 28], "similarity": 1.0} for i in with_square]
     path.write_text(json.dumps(doc))
     return path
 
@@ -197,7 +197,7 @@ def _rewrite(src: Path, dst: Path, change) -> Path:
 def test_pseudo_group_selection_reads_no_feature_labels(sets, tmp_path):
     root, audit_set, train_set = sets
     discovery = _audited(root, audit_set, "rn")
-    disc = read_discovery(discovery, (1,))
+    disc = read_target(discovery, (1,))
     assert disc.spurious_images  # the cluster lists audit images
     audit_set = Path(audit_set)
     rng = random.Random(0)
