@@ -29,8 +29,9 @@ from ravl_engine.training import (  # noqa: F401 (optimizer_step, snapshot, save
     snapshot,
     train_loop,
     write_checkpoint,
+    zero_shot,
 )
-from ravl_engine.zeroshot import DEFAULT_TEMPLATES, class_text_embeddings, zero_shot_probs
+from ravl_engine.zeroshot import DEFAULT_TEMPLATES, class_text_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -240,10 +241,10 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: Callable[[dict[str, float]], 
     @torch.no_grad()
     def validate() -> float:
         model.eval()
-        emb = model.encode_image(images[val_idx].to(cfg.device)).float().cpu()
         if val_labels is not None:
             text = class_text_embeddings(model, loaded.tokenizer, classes, cfg.templates)
-            return float((zero_shot_probs(emb, text).argmax(1) == val_labels).float().mean())
+            return float((zero_shot(model, images[val_idx], text, cfg.device) == val_labels).float().mean())
+        emb = model.encode_image(images[val_idx].to(cfg.device)).float().cpu()
         txt = model.encode_text(loaded.tokenizer(val_captions).to(cfg.device)).float().cpu()
         return -float(clip_loss(emb, txt, model.logit_scale.exp().cpu()))
 

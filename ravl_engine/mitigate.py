@@ -46,7 +46,7 @@ from ravl_engine.models import LoadedModel, load_clip
 from ravl_engine.outputs import check_not_input, check_out
 from ravl_engine.selection import pseudo_group_set, worst_group_accuracy
 from ravl_engine.training import ClipWithRegions, LoopConfig, train_loop, write_checkpoint
-from ravl_engine.zeroshot import DEFAULT_TEMPLATES, TEMPERATURE
+from ravl_engine.zeroshot import DEFAULT_TEMPLATES, TEMPERATURE, class_text_embeddings
 
 SELECT = ("pseudo-group", "accuracy", "worst-group", "last")
 _GroupDRO = GroupDRO  # the former private names, for callers that still use them
@@ -247,7 +247,7 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
     @torch.no_grad()
     def validate() -> float:
         model.eval()
-        text = class_embeddings(model, class_tokens, c)
+        text = class_text_embeddings(model, tokenizer, disc.classes, templates)  # as finetune scores
         if audit is not None:
             ok = zero_shot(model, audit.images, text, cfg.device) == audit.labels
             return worst_group_accuracy(ok, audit.groups, audit.n_groups)

@@ -23,7 +23,14 @@ from torch import Tensor, nn
 from ravl_engine.distributed import gather, gather_with_grad, is_distributed
 from ravl_engine.kernels.loss import clip_loss, pad_regions, region_aware_loss
 from ravl_engine.mitigate_prep import TrainSet
-from ravl_engine.training import ClipWithRegions, LossFn, Sampler, balanced_sampler, shuffle_sampler
+from ravl_engine.training import (  # noqa: F401 (zero_shot: re-exported)
+    ClipWithRegions,
+    LossFn,
+    Sampler,
+    balanced_sampler,
+    shuffle_sampler,
+    zero_shot,
+)
 
 if TYPE_CHECKING:
     from ravl_engine.mitigate import MitigateConfig
@@ -63,14 +70,6 @@ def batch_boxes(ts: TrainSet, idx: Tensor) -> tuple[list[Tensor], Tensor]:
     boxes = [ts.boxes[a:b] for a, b in zip(starts, stops, strict=True)]
     flags = torch.cat([ts.spurious[a:b] for a, b in zip(starts, stops, strict=True)])
     return boxes, flags
-
-
-def zero_shot(model: Any, images: Tensor, text: Tensor, device: str, batch: int = 256) -> Tensor:
-    preds = []
-    for start in range(0, images.shape[0], batch):
-        emb = F.normalize(model.encode_image(images[start : start + batch].to(device)).float(), dim=-1)
-        preds.append((emb @ text.to(device).T).argmax(1).cpu())
-    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 
 
 @dataclass(frozen=True)

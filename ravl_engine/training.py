@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ravl_engine.distributed import barrier, local_share, rank_world, sync_buffers
@@ -41,7 +42,8 @@ class ClipWithRegions(nn.Module):
     - ``roi``: from the same backbone pass as the images (:func:`ravl_engine.kernels.roi.region_embed_train`);
     - ``roi-mean`` (ViT): RoIAlign-mean of the final patch tokens, same pass;
     - ``crop``: each box cropped, resized to the input and encoded by the image tower; a ResNet's BatchNorm runs
-      on its running statistics for the crops, so the image statistics stay those of the images alone.
+      on its running statistics for the crops (taken before the image pass updates them), so the crops are
+      embedded as preparation embedded them and the image statistics stay those of the images alone.
     """
 
     def __init__(self, model: Any, region_mode: str = "roi") -> None:
@@ -55,21 +57,22 @@ class ClipWithRegions(nn.Module):
         if boxes is None:
             image_emb, region_emb = self.model.encode_image(images), None
         elif self.region_mode == "crop" and tower_kind(self.model.visual) == "resnet" and self.model.visual.training:
-            image_emb = self.model.visual(images)
+            # the crops first: the image pass then updates the running statistics, which the crops must not see
             with _batchnorm_running_stats(self.model.visual):
-                region_emb = _crop_regions(self.model.visual, images, boxes, like=image_emb)
+                region_emb = _crop_regions(self.model.visual, images, boxes)
+            image_emb = self.model.visual(images)
         else:
             image_emb, region_emb = region_embed_train(self.model.visual, images, boxes, mode=self.region_mode)
         return image_emb, region_emb, self.model.encode_text(tokens)
 
 
-def _crop_regions(visual: Any, images: Tensor, boxes: Sequence[Tensor], *, like: Tensor) -> Tensor:
+def _crop_regions(visual: Any, images: Tensor, boxes: Sequence[Tensor]) -> Tensor:
     """The region half of :func:`ravl_engine.kernels.roi.crop_embed` (the same ``roi_align`` crop-and-resize)."""
     from torchvision.ops import roi_align  # noqa: PLC0415
 
-    if sum(b.shape[0] for b in boxes) == 0:
-        return like.new_zeros(0, like.shape[1])
     rois = [b.to(device=images.device, dtype=images.dtype) for b in boxes]
+    if sum(b.shape[0] for b in rois) == 0:
+        return visual(images[:0])
     crops = roi_align(
         images, rois, output_size=tuple(images.shape[-2:]), spatial_scale=1.0, sampling_ratio=-1, aligned=True
     )
@@ -93,6 +96,16 @@ def balanced_sampler(groups: Tensor) -> Sampler:
         return train_idx[torch.multinomial(weight, train_idx.numel(), replacement=True, generator=generator)]
 
     return sample
+
+
+def zero_shot(model: Any, images: Tensor, text: Tensor, device: str, batch: int = 256) -> Tensor:
+    """Zero-shot predictions [N] int64: the nearest class embedding (``text`` [C, D], unit rows) of each image, in
+    batches of ``batch``; the one scoring of every validation rule (finetune and mitigate)."""
+    preds = []
+    for start in range(0, images.shape[0], batch):
+        emb = F.normalize(model.encode_image(images[start : start + batch].to(device)).float(), dim=-1)
+        preds.append((emb @ text.to(device).T).argmax(1).cpu())
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 
 
 def optimizer_step(model: Any, optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
