@@ -1,13 +1,16 @@
-"""Mitigation on controlled MNIST settings: the five methods' image and region overall / worst-group accuracy.
+"""Mitigation on controlled MNIST settings: the five methods through one training loop, paired, valid settings only.
 
-The paper's protocol, scaled down to the tiny CLIP: a "pretrained" model is trained from scratch on a neutral set
-(``synth --cramers-v 0``: the red square on half the images, independent of the class; digits from the
-training pool, none from the evaluation sets). For every
-(spurious class, Cramer's V, seed): synth a setting, fine-tune the pretrained model on its training set
-(``ravl-engine finetune``: this is Standard FT and the audited model), embed the evaluation set, run discovery;
-then every other method fine-tunes the same pretrained model with the same schedule (``ravl-engine mitigate``), its
-checkpoint embeds the evaluation set and is evaluated. One JSON line per (setting, seed, method), one summary line
-per method (mean and sample standard deviation over the runs), and a Markdown table on stderr.
+The paper's protocol, scaled down to the tiny CLIP. A "pretrained" model is trained from scratch on a neutral set
+(``synth --cramers-v 0``; digits from the training pool, none from the evaluation sets). For every (spurious
+class, Cramer's V, seed): synth a setting, fine-tune the pretrained model on its training set (the audited model),
+embed the evaluation set (the audit set), run discovery and check the setting: valid only if both validity gaps
+exceed 10 points and discovery's Precision@10 exceeds 0.6 (the paper's rule); invalid settings are counted and
+reported, not mitigated. On a valid setting every method (``standard``, ``upsampled``, ``vl-erm``, ``vl-gdro``,
+``ravl``) runs through ``run_mitigate`` (one training loop, one generator seeded with the run's seed) from the same
+pretrained weights and the same discovery; the epoch is kept by ``--select`` (default ``pseudo-group``: the audit
+set's selection half, split by a seeded hash of the image id); every checkpoint is evaluated on the audit set's
+disjoint *test half*. One JSON line per (setting, seed, method); then, per method, the mean of each metric, and
+the mean and 95% t-interval of RaVL's paired difference to every baseline (pairs = the same setting and seed).
 
     python -m bench.bench_mitigate                                      # classes 3,5,8 x V 0.99 x seeds 0,1,2
     python -m bench.bench_mitigate --classes 3 --seeds 0 --methods standard,ravl
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,19 +43,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate")
     parser.add_argument("--reduction", default="mean", choices=["sum", "mean"])
-    parser.add_argument("--select", default="accuracy", choices=["accuracy", "worst-group", "last"])
+    parser.add_argument("--select", default="pseudo-group", choices=["pseudo-group", "accuracy", "worst-group", "last"])
+    parser.add_argument("--clip-weight", type=float, default=0.8, help="lambda of the RaVL and VL losses")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the audit set's selection / test halves")
+    parser.add_argument(
+        "--include-invalid",
+        action="store_true",
+        help="mitigate invalid settings too (lines marked valid: false, left out of the summaries; for smoke runs)",
+    )
     args = parser.parse_args(argv)
 
     import numpy as np
 
     from ravl_engine.controlled import SynthConfig, run_synth
     from ravl_engine.demo import DemoConfig, run_demo
-    from ravl_engine.evaluate import evaluate_checkpoint
+    from ravl_engine.evaluate import EvaluateConfig, run_evaluate
     from ravl_engine.finetune import FinetuneConfig, run_finetune
     from ravl_engine.mitigate import MitigateConfig, run_mitigate
 
     methods = args.methods.split(",")
     rows: dict[str, list[dict]] = {m: [] for m in methods}
+    settings = {"valid": 0, "invalid": 0}
     with tempfile.TemporaryDirectory() as tmp_root:
         root = Path(tmp_root)
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -77,15 +87,11 @@ def main(argv: list[str] | None = None) -> None:
                     seed=seed,
                 )
             )
-            print(
-                json.dumps({"bench": "mitigate-pretrain", "seed": seed, "val_zero_shot_accuracy": pretrained.best_val}),
-                flush=True,
-            )
+            _emit({"bench": "mitigate-pretrain", "seed": seed, "val_zero_shot_accuracy": pretrained.best_val})
             base = pretrained.checkpoint
             for cls in (int(c) for c in args.classes.split(",")):
                 for v in (float(x) for x in args.cramers_v.split(",")):
                     out = root / f"c{cls}-v{v}-s{seed}"
-                    # the audit: synth, Standard FT from the pretrained weights, embed, discovery, evaluation
                     audit = run_demo(
                         DemoConfig(
                             out=str(out),
@@ -100,71 +106,113 @@ def main(argv: list[str] | None = None) -> None:
                             seed=seed,
                         )
                     ).to_dict()
+                    p10 = audit["found"].get("precision_at_10") or 0.0
+                    gaps = (audit["validity"]["gap_spurious"], audit["validity"]["gap_other"])
+                    valid = bool(audit["validity"]["valid"]) and p10 > 0.6
+                    setting = {"spurious_class": cls, "cramers_v": v, "seed": seed}
+                    _emit(
+                        {"bench": "mitigate-setting", **setting, "valid": valid, "precision_at_10": p10, "gaps": gaps}
+                    )
+                    settings["valid" if valid else "invalid"] += 1
+                    if audit["found"]["class"] is None or (not valid and not args.include_invalid):
+                        continue  # nothing to mitigate without a spurious cluster
                     data = out / "data"
+                    test_half = _test_half(data / "eval.csv", args.split_seed)
                     for method in methods:
                         t0 = time.perf_counter()
-                        if method == "standard":
-                            metrics = {**audit["metrics"], **audit["validity"]}
-                            info: dict = {
-                                "best_epoch": audit["finetune"]["best_epoch"],
-                                "step_seconds": None,
-                                "seconds": audit["seconds"]["finetune"],
-                            }
-                        else:
-                            result = run_mitigate(
-                                MitigateConfig(
-                                    train=str(data / "train.csv"),
-                                    discovery=audit["paths"]["discovery"],
-                                    out=str(out / f"{method}.pt"),
-                                    method=method,
-                                    pretrained=base,
-                                    lr=args.lr,
-                                    work_dir=str(out / "train-regions"),
-                                    epochs=args.epochs,
-                                    patience=args.epochs,
-                                    reduction=args.reduction,
-                                    select=args.select,
-                                    seed=seed,
-                                )
+                        result = run_mitigate(
+                            MitigateConfig(
+                                train=str(data / "train.csv"),
+                                discovery=audit["paths"]["discovery"],
+                                out=str(out / f"{method}.pt"),
+                                method=method,
+                                pretrained=base,
+                                lr=args.lr,
+                                work_dir=str(out / "train-regions"),
+                                epochs=args.epochs,
+                                patience=args.epochs,
+                                clip_weight=args.clip_weight,
+                                reduction=args.reduction,
+                                select=args.select,
+                                audit_data=str(data / "eval.csv"),
+                                split_seed=args.split_seed,
+                                seed=seed,
                             )
-                            ev = evaluate_checkpoint(
-                                data / "eval.csv",
+                        )
+                        ev = run_evaluate(
+                            EvaluateConfig(
+                                data=str(test_half),
                                 pretrained=result.checkpoint,
-                                run_dir=out / f"eval-{method}",
+                                work=str(out / f"eval-{method}"),
                                 feature=audit["planted"]["feature"],
                                 spurious_class=str(cls),
+                                counterfactual=True,
                             )
-                            metrics = ev.to_dict()
-                            info = {
-                                "best_epoch": result.best_epoch,
-                                "step_seconds": result.step_seconds,
-                                "spurious_regions": result.n_spurious_regions,
-                                "seconds": time.perf_counter() - t0,
-                            }
+                        ).to_dict()
                         line = {
                             "bench": "mitigate",
-                            "spurious_class": cls,
-                            "cramers_v": v,
-                            "seed": seed,
+                            **setting,
                             "method": method,
-                            "audit_top_class": audit["found"]["class"],
-                            **{m: metrics[m] for m in (*METRICS, "gap_spurious", "gap_other", "valid")},
-                            **info,
+                            "valid": valid,
+                            "select": args.select,
+                            **{m: ev.get(m) for m in (*METRICS, "gap_spurious", "gap_other")},
+                            "flip_rate": (ev.get("counterfactual") or {}).get("flip_rate"),
+                            "best_epoch": result.best_epoch,
+                            "step_seconds": result.step_seconds,
+                            "spurious_regions": result.n_spurious_regions,
+                            "seconds": time.perf_counter() - t0,
                         }
-                        rows[method].append(line)
-                        print(json.dumps(line), flush=True)
-    table = ["| method | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+                        if valid:
+                            rows[method].append(line)
+                        _emit(line)
+    _emit({"bench": "mitigate-settings", **settings})
     for method in methods:
-        stats = {}
-        for m in METRICS:
-            values = np.array([r[m] for r in rows[method]], dtype=float)
-            stats[m] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if values.size > 1 else 0.0}
-        print(
-            json.dumps({"bench": "mitigate-summary", "method": method, "runs": len(rows[method]), **stats}), flush=True
-        )
-        cells = [f"{100 * stats[m]['mean']:.1f} ± {100 * stats[m]['std']:.1f}" for m in METRICS]
-        table.append(f"| {method} | " + " | ".join(cells) + " |")
-    print("\n".join(table), file=sys.stderr)
+        stats = {m: _mean([r[m] for r in rows[method]]) for m in (*METRICS, "flip_rate")}
+        _emit({"bench": "mitigate-summary", "method": method, "runs": len(rows[method]), **stats})
+    if "ravl" in methods:
+        for other in (m for m in methods if m != "ravl"):
+            for m in METRICS:
+                diffs = [a[m] - b[m] for a, b in zip(rows["ravl"], rows[other], strict=True)]
+                _emit({"bench": "mitigate-paired", "metric": m, "ravl_minus": other, **_paired(np.array(diffs))})
+
+
+def _emit(line: dict) -> None:
+    print(json.dumps(line), flush=True)
+
+
+def _mean(values: list) -> float | None:
+    kept = [float(v) for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
+
+
+def _paired(diffs) -> dict:
+    """Mean of paired differences and its 95% t-interval (None with fewer than 2 pairs)."""
+    from scipy import stats
+
+    n = int(diffs.size)
+    if n < 2:
+        return {"n": n, "mean": float(diffs.mean()) if n else None, "ci95": None}
+    half = float(stats.t.ppf(0.975, n - 1) * diffs.std(ddof=1) / n**0.5)
+    mean = float(diffs.mean())
+    return {"n": n, "mean": mean, "ci95": [mean - half, mean + half]}
+
+
+def _test_half(manifest: Path, split_seed: int) -> Path:
+    """The audit manifest's test half (rows outside the selection half), beside it so relative paths hold."""
+    import csv
+
+    from ravl_engine.selection import in_selection_half
+
+    with manifest.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        fields = reader.fieldnames or []
+        kept = [row for row in reader if not in_selection_half(row["image"], split_seed)]
+    out = manifest.with_name(f"eval-test-half-{split_seed}.csv")
+    with out.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(kept)
+    return out
 
 
 if __name__ == "__main__":

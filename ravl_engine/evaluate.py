@@ -189,7 +189,7 @@ def region_kind(label: str, classes: Sequence[str], feature: str) -> str | None:
 
 
 def region_kind_metrics(
-    labels: Sequence[str],
+    labels: Sequence[str] | np.ndarray,
     pred: np.ndarray,
     image_class: np.ndarray,
     classes: Sequence[str],
@@ -210,7 +210,7 @@ def region_kind_metrics(
         sel = kind == k
         if not sel.any():
             continue
-        per_class = []
+        per_class: list[dict[str, Any]] = []
         for y, cname in enumerate(classes):
             g = sel & (image_class == y)
             if g.any():
@@ -408,7 +408,8 @@ def write_counterfactuals(
     source = next((r for r in rows if r.region_labels and feature in r.region_labels), None)
     if source is None:
         raise ConfigError(f"{manifest}: no image shows the feature {feature!r}; the counterfactual needs one to copy")
-    x1, y1, x2, y2 = (int(round(v)) for v in source.boxes[source.region_labels.index(feature)])
+    source_boxes, source_kinds = source.boxes or (), list(source.region_labels or ())
+    x1, y1, x2, y2 = (int(round(v)) for v in source_boxes[source_kinds.index(feature)])
     patch = np.asarray(Image.open(source.path).convert("RGB"))[y1:y2, x1:x2]
     ph, pw = patch.shape[:2]
     rng = np.random.default_rng(seed)
