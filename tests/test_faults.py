@@ -182,7 +182,18 @@ def inputs(tmp_path_factory):
     discovery = root / "audit" / "discovery.json"
     doc = json.loads(discovery.read_text())
     if not doc["clusters"]:  # a random-init model on 20 images finds none: name one by hand for mitigate
-        doc["clusters"] = [{"rank": 1, "cluster_id": 0, "class": doc["classes"][0], "regions": []}]
+        doc["clusters"] = [
+            {
+                "rank": 1,
+                "cluster_id": 0,
+                "class": doc["classes"][0],
+                "gap": 0.0,
+                "influence": 0.0,
+                "table": [],
+                "medoid": doc["medoids"][0],
+                "regions": [],
+            }
+        ]
         discovery = root / "discovery-one-cluster.json"
         discovery.write_text(json.dumps(doc))
     return {"data": str(data), "run": str(root / "run"), "discovery": str(discovery)}
