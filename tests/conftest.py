@@ -122,37 +122,14 @@ def write_digit_dataset(
 def minimal_discovery(*, model: dict | None = None, resize: str = "squash", run_dir_data: str | None = None) -> dict:
     """A complete, tagged discovery.json document (2 classes, k = 2, one ranked cluster without regions) for tests
     that only need mitigate or evaluate to get past reading it."""
+    from tests.reportdocs import AUDIT, cluster_dict
+
     return {
         "format": "ravl-engine-discovery/1",
         "k": 2,
         "classes": ["a", "b"],
         "embedding_dim": 2,
-        "audit": {
-            "model": model or {"name": "ravl-tiny-rn", "pretrained": None, "checkpoint_sha256": None},
-            "proposer": {
-                "name": "quadrants",
-                "options": {},
-                "max_boxes": None,
-                "min_box_size": 1.0,
-                "score_threshold": None,
-                "whole_image": False,
-            },
-            "region_mode": "roi",
-            "resize": resize,
-            "templates": ["a photo of {}."],
-            "run_dir_data": run_dir_data,
-        },
-        "clusters": [
-            {
-                "rank": 1,
-                "cluster_id": 0,
-                "class": "a",
-                "gap": 1.0,
-                "influence": 1.0,
-                "table": [],
-                "medoid": [1.0, 0.0],
-                "regions": [],
-            }
-        ],
+        "audit": {**AUDIT, "model": model or AUDIT["model"], "resize": resize, "run_dir_data": run_dir_data},
+        "clusters": [cluster_dict(1, "a", [])],
         "medoids": [[1.0, 0.0], [0.0, 1.0]],
     }
