@@ -201,6 +201,7 @@ def _test_half(manifest: Path, split_seed: int) -> Path:
     """The audit manifest's test half (rows outside the selection half), beside it so relative paths hold."""
     import csv
 
+    from ravl_engine.controlled import write_csv
     from ravl_engine.selection import in_selection_half
 
     with manifest.open(newline="", encoding="utf-8") as fh:
@@ -208,10 +209,7 @@ def _test_half(manifest: Path, split_seed: int) -> Path:
         fields = reader.fieldnames or []
         kept = [row for row in reader if not in_selection_half(row["image"], split_seed)]
     out = manifest.with_name(f"eval-test-half-{split_seed}.csv")
-    with out.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(kept)
+    write_csv(out, kept, fields)
     return out
 
 

@@ -19,7 +19,7 @@ import csv
 import functools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -423,13 +423,14 @@ def _write_sets(
                 row["region_labels"] = json.dumps(region_labels)
             rows.append(row)
         path = out / f"{part}.csv"
-        write_atomic(path, functools.partial(_write_csv, rows=rows))
+        write_atomic(path, functools.partial(write_csv, rows=rows))
     return realised
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], fieldnames: Sequence[str] | None = None) -> None:
+    """A manifest CSV: a header (``fieldnames``, default the first row's keys), then one line per row."""
     with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(fh, fieldnames=list(fieldnames if fieldnames is not None else rows[0]))
         writer.writeheader()
         writer.writerows(rows)
 

@@ -397,11 +397,10 @@ def write_counterfactuals(
     Raises:
         ConfigError: no row shows the feature, or an image has no room for it.
     """
-    import csv  # noqa: PLC0415
 
     from PIL import Image  # noqa: PLC0415
 
-    from ravl_engine.controlled import place_boxes  # noqa: PLC0415
+    from ravl_engine.controlled import place_boxes, write_csv  # noqa: PLC0415
     from ravl_engine.manifest import read_manifest  # noqa: PLC0415
 
     rows = read_manifest(manifest)
@@ -458,10 +457,7 @@ def write_counterfactuals(
     if not written:
         raise ConfigError(f"{manifest}: every image shows the feature {feature!r}; no counterfactual to make")
     path = out / "counterfactual.csv"
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(written[0]))
-        writer.writeheader()
-        writer.writerows(written)
+    write_csv(path, written)
     return path, ids
 
 
