@@ -42,9 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from ravl_engine.kernels.roi import supported_modes, tower_kind
-    from ravl_engine.proposers.simple import grid_boxes
-
     from ravl_engine.models import load_clip
+    from ravl_engine.proposers.simple import grid_boxes
 
     device = torch.device(args.device)
     for name in args.models.split(","):

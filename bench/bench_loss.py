@@ -56,9 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
-    from ravl_engine.kernels.loss import clip_loss, region_aware_loss
-
     from ravl_engine.finetune import make_optimizer
+    from ravl_engine.kernels.loss import clip_loss, region_aware_loss
     from ravl_engine.mitigate import MitigateConfig, StepBatch, _class_embeddings
     from ravl_engine.models import load_clip
 

@@ -279,10 +279,10 @@ def test_the_per_shard_worker_takes_injected_parts(dataset, tmp_path):
     """embed_shard is the reader / proposer / embedder / writer of one shard: an injected embedder's arrays land in
     the shard as given, with the proposer's boxes scaled to the input (56 px images fitted to the 64 px input)."""
     import torch
-    from ravl_engine.proposers import build_proposer
 
     from ravl_engine.embed import ShardJob, embed_shard
     from ravl_engine.manifest import read_manifest
+    from ravl_engine.proposers import build_proposer
     from ravl_engine.shards import plan_shards, read_shard
 
     seen: list[tuple[torch.Tensor, list[torch.Tensor]]] = []

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from ravl_engine import BackendError, DiscoverConfig, discover
 from ravl_engine.kernels.backends import get_backend
 from ravl_engine.kernels.errors import BackendUnavailableError, KernelError
 
-from ravl_engine import BackendError, DiscoverConfig, discover
-
-KERNELS = Path(__file__).resolve().parents[1] / "kernels"
+KERNELS = Path(__file__).resolve().parents[1] / "ravl_engine" / "kernels"
 PACKAGE = "ravl_engine.kernels"
 
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from ravl_engine.kernels.backends import FaissBackend, TorchBackend
 from ravl_engine.kernels.bank import MedoidBank, cluster_sums, group_rows, member_keys, move_members
 from ravl_engine.kernels.kmedoids import fit_kmedoids, fit_kmedoids_batch, kmedoids_sweep
 from ravl_engine.kernels.seeding import kmedoids_pp_init
 from ravl_engine.kernels.sharded import fit_kmedoids_search
-
 from tests.conftest import clustered_rows, unit_rows
 from tests.oracles import dense_distance, dense_kmedoids, dense_kpp_init
 

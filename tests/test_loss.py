@@ -6,8 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ravl_engine.kernels.loss import clip_loss, pad_regions, region_aware_loss
 
+from ravl_engine.kernels.loss import clip_loss, pad_regions, region_aware_loss
 from tests.oracles import loop_region_aware_loss
 
 

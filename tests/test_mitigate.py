@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from ravl_engine.kernels.roi import region_embed, region_embed_train
 
 from ravl_engine import ConfigError
 from ravl_engine.cli import main
 from ravl_engine.cluster import DISCOVERY_FORMAT, _audit
 from ravl_engine.embed import EmbedConfig, run_embed
+from ravl_engine.kernels.roi import region_embed, region_embed_train
 from ravl_engine.manifest import read_manifest
 from ravl_engine.mitigate import (
     METHODS,

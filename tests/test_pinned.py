@@ -3,6 +3,12 @@ today what they gave when tests/assets/pinned/discovery.json was written (``pyth
 
 Integers and ids compare exactly, floats to 1e-6 relative; region indices whose similarities tie (within 1e-6) compare
 as sets, since which of two equal values sorts first is not part of the contract.
+
+The run directory's silhouettes are the exception: its blank quadrants embed to near-duplicate regions, whose
+silhouettes come from float32 sums of nearly equal terms, so they move with the CPU's BLAS kernels. The same committed
+embeddings gave silhouettes 3e-4 apart under MKL's AVX2 and AVX-512 paths on one Intel Xeon, and the golden (written
+on an AMD EPYC) is 3.5e-3 apart from an AVX-512 Xeon's run; its floats compare to RUN_DIR_REL, its ids still exactly
+(the chosen K leads the next by 0.05).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import pytest
 from tests.regen_pinned import GOLDEN, PLANTED_CASES, RUN_DIR_CASE, planted_case, run_dir_case
 
 REL = 1e-6
+RUN_DIR_REL = 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -23,16 +30,16 @@ def golden() -> dict[str, Any]:
     return json.loads(GOLDEN.read_text())
 
 
-def _close(a: Any, b: Any) -> bool:
+def _close(a: Any, b: Any, rel: float = REL) -> bool:
     a, b = float(a), float(b)
     if not (math.isfinite(a) and math.isfinite(b)):
         return a == b
-    return math.isclose(a, b, rel_tol=REL, abs_tol=1e-9)
+    return math.isclose(a, b, rel_tol=rel, abs_tol=1e-9)
 
 
-def _assert_floats(got: list[Any], want: list[Any], what: str) -> None:
+def _assert_floats(got: list[Any], want: list[Any], what: str, rel: float = REL) -> None:
     assert len(got) == len(want), what
-    bad = [i for i, (g, w) in enumerate(zip(got, want, strict=True)) if not _close(g, w)]
+    bad = [i for i, (g, w) in enumerate(zip(got, want, strict=True)) if not _close(g, w, rel)]
     assert not bad, f"{what}: entry {bad[0]} is {got[bad[0]]}, pinned {want[bad[0]]}"
 
 
@@ -57,10 +64,11 @@ def _assert_same_regions(got: dict[str, Any], want: dict[str, Any], what: str) -
     assert [len(x) for x in g] == [len(x) for x in w], what
 
 
-def _assert_same(got: dict[str, Any], want: dict[str, Any], case: str) -> None:
+def _assert_same(got: dict[str, Any], want: dict[str, Any], case: str, silhouette_rel: float = REL) -> None:
     assert got["k"] == want["k"], case
     assert list(got["silhouettes"]) == list(want["silhouettes"]), case
-    _assert_floats(list(got["silhouettes"].values()), list(want["silhouettes"].values()), f"{case} silhouettes")
+    sils = list(got["silhouettes"].values()), list(want["silhouettes"].values())
+    _assert_floats(*sils, f"{case} silhouettes", silhouette_rel)
     for key in ("medoids", "cluster_sizes", "assignments"):
         assert got[key] == want[key], f"{case}: {key} differ"
     _assert_floats(got["gap_total"], want["gap_total"], f"{case} gap_total")
@@ -86,7 +94,7 @@ def test_planted_discovery_is_pinned(golden, case):
 
 def test_run_directory_discovery_is_pinned(golden, tmp_path):
     got = run_dir_case(tmp_path)
-    _assert_same(got, golden[RUN_DIR_CASE], "run_dir")
+    _assert_same(got, golden[RUN_DIR_CASE], "run_dir", silhouette_rel=RUN_DIR_REL)
     assert got["document"] == golden[RUN_DIR_CASE]["document"]
 
 

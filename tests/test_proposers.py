@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import ravl_engine.proposers.base
 import torch
-from ravl_engine.proposers import BoxFilter, build_proposer, finalize_boxes, list_proposers, register_proposer
 
+import ravl_engine.proposers.base
 from ravl_engine.data import load_mnist
+from ravl_engine.proposers import BoxFilter, build_proposer, finalize_boxes, list_proposers, register_proposer
 
 MNIST = Path(__file__).resolve().parent / "assets" / "mnist"
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.ops import roi_align
+
 from ravl_engine.kernels.roi import (
     region_embed,
     region_patch_mask,
@@ -13,8 +15,6 @@ from ravl_engine.kernels.roi import (
     supported_modes,
     tower_kind,
 )
-from torchvision.ops import roi_align
-
 from ravl_engine.models import load_clip
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from ravl_engine.kernels.scoring import best_regions, rank_members, score_clusters, select_clusters
 from ravl_engine.kernels.segment import segment_argmax, segment_argmin
-
 from tests.conftest import random_scores, unit_rows
 from tests.oracles import loop_rank_members, loop_scores, loop_select
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from ravl_engine.kernels.kmedoids import kmedoids_sweep
 from ravl_engine.kernels.seeding import kmedoids_pp_init
 from ravl_engine.kernels.sharded import LocalComm, Shard, sharded_fit, sharded_pp_init, sharded_sweep
-
 from tests.conftest import clustered_rows
 from tests.gloo import run_ranks
 

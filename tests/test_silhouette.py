@@ -9,9 +9,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ravl_engine.kernels.silhouette import cosine_silhouette, pairwise_distance_sums, silhouette_from_gram
 from sklearn.metrics import silhouette_score
 
+from ravl_engine.kernels.silhouette import cosine_silhouette, pairwise_distance_sums, silhouette_from_gram
 from tests.conftest import clustered_rows, unit_rows
 from tests.oracles import dense_distance
 

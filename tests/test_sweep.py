@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
+
 from ravl_engine.kernels.comm import LocalComm
 from ravl_engine.kernels.kmedoids import kmedoids_sweep
 from ravl_engine.kernels.sharded import sharded_sweep
 from ravl_engine.kernels.sweep import KMedoidsResult, check_ks, run_sweep, silhouette_rank
-
 from tests.conftest import clustered_rows
 
 

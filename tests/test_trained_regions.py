@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from ravl_engine.kernels.loss import clip_loss
 
 from ravl_engine.embed import EmbedConfig, run_embed
 from ravl_engine.finetune import train_clip
+from ravl_engine.kernels.loss import clip_loss
 from ravl_engine.models import load_clip
 from ravl_engine.shards import read_run
 from ravl_engine.zeroshot import zero_shot_probs

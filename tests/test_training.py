@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from ravl_engine.kernels.roi import region_embed
 
 from ravl_engine import ConfigError
 from ravl_engine.embed import EmbedConfig, run_embed
 from ravl_engine.finetune import FinetuneConfig, run_finetune
+from ravl_engine.kernels.roi import region_embed
 from ravl_engine.manifest import read_manifest
 from ravl_engine.mitigate import MitigateConfig, run_mitigate
 from ravl_engine.mitigate_prep import read_target

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from ravl_engine.proposers.base import BoxFilter, Proposals, finalize_boxes, register_proposer
 from torch import Tensor
+
+from ravl_engine.proposers.base import BoxFilter, Proposals, finalize_boxes, register_proposer
 
 
 def grid_boxes(height: int, width: int, rows: int, cols: int) -> Tensor:

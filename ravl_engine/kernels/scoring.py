@@ -20,8 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from ravl_engine.kernels.segment import segment_argmax
 from torch import Tensor
+
+from ravl_engine.kernels.segment import segment_argmax
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-from ravl_engine.kernels.cosine import distance
 from torch import Tensor
+
+from ravl_engine.kernels.cosine import distance
 
 TRANSPOSE_BYTES = 256 << 20  # largest x for which the k-medoids++ seeding keeps a contiguous copy of x.T
 

@@ -28,12 +28,13 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from torch import Tensor
+
 from ravl_engine.kernels.backends import DEFAULT_BLOCK_SIZE, ClusterBackend, TorchBackend
 from ravl_engine.kernels.comm import Comm, LocalComm, Shard
 from ravl_engine.kernels.cosine import distance, medoid_scores_blocked, squared_norms, tie_tolerance
 from ravl_engine.kernels.silhouette import silhouette_from_gram, silhouette_is_defined
 from ravl_engine.kernels.sweep import KMedoidsResult, SweepResult, check_ks, run_sweep
-from torch import Tensor
 
 __all__ = ["Comm", "LocalComm", "Shard", "fit_kmedoids_search", "sharded_fit", "sharded_pp_init", "sharded_sweep"]
 

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ravl_engine.proposers.base import BoxFilter, Proposals, finalize_boxes, register_proposer
 from torch import Tensor
+
+from ravl_engine.proposers.base import BoxFilter, Proposals, finalize_boxes, register_proposer
 
 logger = logging.getLogger(__name__)
 

@@ -39,6 +39,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
+
 from ravl_engine.kernels.backends import DEFAULT_BLOCK_SIZE, ClusterBackend, TorchBackend
 from ravl_engine.kernels.bank import (
     MedoidBank,
@@ -59,7 +61,6 @@ from ravl_engine.kernels.silhouette import (
     silhouette_is_defined,
 )
 from ravl_engine.kernels.sweep import KMedoidsResult, SweepResult, check_ks, run_sweep
-from torch import Tensor
 
 __all__ = ["KMedoidsResult", "SweepResult", "fit_kmedoids", "fit_kmedoids_batch", "kmedoids_sweep"]
 

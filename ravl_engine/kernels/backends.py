@@ -19,8 +19,9 @@ import logging
 from typing import Any, Protocol
 
 import torch
-from ravl_engine.kernels.errors import BackendUnavailableError
 from torch import Tensor
+
+from ravl_engine.kernels.errors import BackendUnavailableError
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import math
 
 import torch
-from ravl_engine.kernels.backends import DEFAULT_BLOCK_SIZE
 from torch import Tensor
+
+from ravl_engine.kernels.backends import DEFAULT_BLOCK_SIZE
 
 
 def pairwise_distance_sums(

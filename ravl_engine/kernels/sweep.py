@@ -10,8 +10,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ravl_engine.kernels.comm import Shard
 from torch import Tensor
+
+from ravl_engine.kernels.comm import Shard
 
 
 @dataclass(frozen=True, slots=True)
