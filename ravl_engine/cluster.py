@@ -152,11 +152,6 @@ def discovery_document(
     )
 
 
-def _audit(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """discovery.json's ``audit`` of a run's manifest.json, as a dict (for callers not yet on ``Audit``)."""
-    return Audit.of_run(RunRecord.from_dict(manifest)).to_dict()
-
-
 def _names(
     cfg: ClusterConfig,
     run: RunData,

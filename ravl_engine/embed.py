@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -161,20 +161,19 @@ def _record(cfg: EmbedConfig, classes: list[str], mode: str, checkpoint_sha: str
     )
 
 
-def _check_compatible(run_dir: Path, existing: dict, settings: dict) -> None:
-    for key, value in settings.items():
-        if key == "data":
-            if existing.get("data", {}).get("sha256") != value["sha256"]:
-                raise ShardError(
-                    f"{run_dir} was embedded from another manifest (sha256 differs); use a new --out directory"
-                )
-            continue
-        if key == "model" and value["checkpoint_sha256"] is not None:
-            # a checkpoint file is the same model under any path spelling: compare contents, not path strings
-            value = {**value, "pretrained": existing.get(key, {}).get("pretrained")}
-        if json.loads(json.dumps(existing.get(key))) != json.loads(json.dumps(value)):
+def _check_compatible(run_dir: Path, existing: Mapping[str, Any], wanted: RunRecord) -> None:
+    """Refuse to resume ``run_dir`` (whose manifest.json is ``existing``) with settings other than ``wanted``."""
+    found = RunRecord.from_dict(existing, source=str(run_dir / "manifest.json"))
+    if found.data_sha256 != wanted.data_sha256:
+        raise ShardError(f"{run_dir} was embedded from another manifest (sha256 differs); use a new --out directory")
+    if wanted.model.checkpoint_sha256 is not None:
+        # a checkpoint file is the same model under any path spelling: compare contents, not path strings
+        wanted = replace(wanted, model=replace(wanted.model, pretrained=found.model.pretrained))
+    old, new = found.to_dict(), wanted.to_dict()
+    for key in new.keys() - {"data"}:
+        if old[key] != new[key]:
             raise ShardError(
-                f"{run_dir} was written with {key} = {json.dumps(existing.get(key))}, not {json.dumps(value)}; "
+                f"{run_dir} was written with {key} = {json.dumps(old[key])}, not {json.dumps(new[key])}; "
                 "use a new --out directory or the original settings"
             )
 
@@ -265,9 +264,9 @@ def run_embed(
     mode = modes[0] if cfg.region_mode == "auto" else cfg.region_mode
     if mode not in modes:
         raise ConfigError(f"region mode {mode!r} is not supported by {cfg.model}; use one of {', '.join(modes)}")
-    settings = _record(cfg, classes, mode, loaded.checkpoint_sha256, sha256_file(cfg.data)).to_dict()
+    record = _record(cfg, classes, mode, loaded.checkpoint_sha256, sha256_file(cfg.data))
     if existing is not None:
-        _check_compatible(run_dir, existing, settings)  # fail before taking the lock; checked again under it
+        _check_compatible(run_dir, existing, record)  # fail before taking the lock; checked again under it
     with directory_lock(run_dir, command="embed"):
         return _write_run(
             cfg,
@@ -277,7 +276,7 @@ def run_embed(
             loaded=loaded,
             proposer=proposer,
             mode=mode,
-            settings=settings,
+            record=record,
             seconds=seconds,
             t_start=t_start,
             on_shard=on_shard,
@@ -299,7 +298,7 @@ def _write_run(
     loaded: Any,
     proposer: Any,
     mode: str,
-    settings: dict[str, Any],
+    record: RunRecord,
     seconds: dict[str, float],
     t_start: float,
     on_shard: Callable[[dict[str, Any]], None] | None,
@@ -308,7 +307,7 @@ def _write_run(
     """The part of :func:`run_embed` that runs while this process holds the run directory's lock."""
     existing = load_run_manifest(run_dir)  # again: another process may have written it before we held the lock
     if existing is not None:
-        _check_compatible(run_dir, existing, settings)
+        _check_compatible(run_dir, existing, record)
     visual = loaded.model.visual
     rank, world = rank_world()
     plan = plan_shards(len(rows), cfg.shard_size)
@@ -328,7 +327,7 @@ def _write_run(
     manifest = {
         "format_version": FORMAT_VERSION,
         "engine_version": __version__,
-        **settings,
+        **record.to_dict(),
         "text": text_entry,
         "embedding_dim": int(visual.output_dim),
         "dtype": "float32",

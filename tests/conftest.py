@@ -11,6 +11,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one thread per worker, not 2 x 2 on 2 cores
+    torch.set_num_threads(1)
+
 
 def unit_rows(n: int, d: int, *, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """n random unit vectors in d dims."""

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 from ravl_engine import ConfigError
 from ravl_engine.cli import main
-from ravl_engine.cluster import DISCOVERY_FORMAT, _audit
+from ravl_engine.cluster import DISCOVERY_FORMAT
+from ravl_engine.documents import Audit, RunRecord
 from ravl_engine.embed import EmbedConfig, run_embed
 from ravl_engine.kernels.roi import region_embed, region_embed_train
 from ravl_engine.manifest import read_manifest
@@ -43,7 +44,7 @@ def _discovery(run_dir: Path, path: Path, *, spurious_medoid=None, dim=None, mod
         medoids[0] = spurious_medoid
     if dim is not None:
         medoids = F.normalize(torch.randn(3, dim), dim=1)
-    audit = _audit(run.manifest)
+    audit = Audit.of_run(RunRecord.from_dict(run.manifest)).to_dict()
     if model is not None:
         audit["model"] = model
     doc = {

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from ravl_engine.cluster import DISCOVERY_FORMAT, _audit
+from ravl_engine.cluster import DISCOVERY_FORMAT
+from ravl_engine.documents import Audit, RunRecord
 from ravl_engine.embed import EmbedConfig, run_embed
 from ravl_engine.evaluate import evaluate_dir
 from ravl_engine.shards import read_run
@@ -39,7 +40,7 @@ def _write(path, clusters, run_dir):
         "k": max(1, len(clusters)),
         "classes": ["0", "1", "2"],
         "embedding_dim": 2,
-        "audit": _audit(json.loads((run_dir / "manifest.json").read_text())),
+        "audit": Audit.of_run(RunRecord.from_dict(json.loads((run_dir / "manifest.json").read_text()))).to_dict(),
         "clusters": clusters,
         "medoids": [[1.0, 0.0]] * max(1, len(clusters)),
     }
