@@ -12,8 +12,11 @@ set's selection half, split by a seeded hash of the image id); every checkpoint 
 disjoint *test half*. One JSON line per (setting, seed, method); then, per method, the mean of each metric, and
 the mean and 95% t-interval of RaVL's paired difference to every baseline (pairs = the same setting and seed).
 
+A method may name its sampler: ``ravl+balanced`` is RaVL's loss with the baselines' group-balanced sampler over the
+discovered groups (``mitigate --sampler balanced``); every RaVL arm is compared, paired, with every other method.
+
     python -m bench.bench_mitigate                                      # classes 3,5,8 x V 0.99 x seeds 0,1,2
-    python -m bench.bench_mitigate --classes 3 --seeds 0 --methods standard,ravl
+    python -m bench.bench_mitigate --classes 3 --seeds 0 --methods standard,ravl,ravl+balanced
 """
 
 from __future__ import annotations
@@ -31,10 +34,17 @@ METRICS = ("image_overall", "image_worst_group", "region_overall", "region_worst
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default=str(DEFAULT_MNIST), help="folder of MNIST idx files, or 'sklearn'")
+    parser.add_argument(
+        "--family",
+        default="quadrants",
+        choices=["quadrants", "scene"],
+        help="synth layout: MNIST quadrants (ravl-tiny-rn, 64 px) or scenes (ravl-tiny-rn-112, 112 px)",
+    )
+    parser.add_argument("--model", default=None, help="default: ravl-tiny-rn, or ravl-tiny-rn-112 for scenes")
     parser.add_argument("--classes", default="3,5,8", help="spurious classes")
     parser.add_argument("--cramers-v", default="0.99")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--methods", default="standard,upsampled,vl-erm,vl-gdro,ravl")
+    parser.add_argument("--methods", default="standard,upsampled,vl-erm,vl-gdro,ravl,ravl+balanced")
     parser.add_argument("--n-pretrain", type=int, default=3000, help="images of the neutral pretraining set")
     parser.add_argument("--n-train", type=int, default=3000)
     parser.add_argument("--n-eval", type=int, default=1000)
@@ -59,9 +69,14 @@ def main(argv: list[str] | None = None) -> None:
     from ravl_engine.demo import DemoConfig, run_demo
     from ravl_engine.evaluate import EvaluateConfig, run_evaluate
     from ravl_engine.finetune import FinetuneConfig, run_finetune
-    from ravl_engine.mitigate import MitigateConfig, run_mitigate
+    from ravl_engine.mitigate import METHODS, SAMPLERS, MitigateConfig, run_mitigate
 
+    model = args.model or ("ravl-tiny-rn-112" if args.family == "scene" else "ravl-tiny-rn")
     methods = args.methods.split(",")
+    for spec in methods:
+        name, _, sampler = spec.partition("+")
+        if name not in METHODS or (sampler and sampler not in SAMPLERS):
+            parser.error(f"--methods: {spec!r} is not METHOD[+SAMPLER] ({', '.join(METHODS)}; {', '.join(SAMPLERS)})")
     rows: dict[str, list[dict]] = {m: [] for m in methods}
     settings = {"valid": 0, "invalid": 0}
     with tempfile.TemporaryDirectory() as tmp_root:
@@ -74,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
                     cramers_v=0.0,
                     n_train=args.n_pretrain,
                     n_eval=20,
+                    layout=args.family,
                     seed=100 + seed,
                 )
             )
@@ -81,13 +97,22 @@ def main(argv: list[str] | None = None) -> None:
                 FinetuneConfig(
                     train=neutral.train_manifest,
                     out=str(root / f"pretrained-{seed}.pt"),
+                    model=model,
                     epochs=args.pretrain_epochs,
                     patience=args.pretrain_epochs,
                     lr=args.pretrain_lr,
                     seed=seed,
                 )
             )
-            _emit({"bench": "mitigate-pretrain", "seed": seed, "val_zero_shot_accuracy": pretrained.best_val})
+            _emit(
+                {
+                    "bench": "mitigate-pretrain",
+                    "family": args.family,
+                    "model": model,
+                    "seed": seed,
+                    "val_zero_shot_accuracy": pretrained.best_val,
+                }
+            )
             base = pretrained.checkpoint
             for cls in (int(c) for c in args.classes.split(",")):
                 for v in (float(x) for x in args.cramers_v.split(",")):
@@ -101,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
                             n_train=args.n_train,
                             n_eval=args.n_eval,
                             epochs=args.epochs,
+                            layout=args.family,
+                            model=model,
                             pretrained=base,
                             lr=args.lr,
                             seed=seed,
@@ -109,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
                     p10 = audit["found"].get("precision_at_10") or 0.0
                     gaps = (audit["validity"]["gap_spurious"], audit["validity"]["gap_other"])
                     valid = bool(audit["validity"]["valid"]) and p10 > 0.6
-                    setting = {"spurious_class": cls, "cramers_v": v, "seed": seed}
+                    setting = {"family": args.family, "spurious_class": cls, "cramers_v": v, "seed": seed}
                     _emit(
                         {"bench": "mitigate-setting", **setting, "valid": valid, "precision_at_10": p10, "gaps": gaps}
                     )
@@ -120,12 +147,14 @@ def main(argv: list[str] | None = None) -> None:
                     test_half = _test_half(data / "eval.csv", args.split_seed)
                     for method in methods:
                         t0 = time.perf_counter()
+                        name, _, sampler = method.partition("+")
                         result = run_mitigate(
                             MitigateConfig(
                                 train=str(data / "train.csv"),
                                 discovery=audit["paths"]["discovery"],
                                 out=str(out / f"{method}.pt"),
-                                method=method,
+                                method=name,
+                                sampler=sampler or "method",
                                 pretrained=base,
                                 lr=args.lr,
                                 work_dir=str(out / "train-regions"),
@@ -142,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
                         ev = run_evaluate(
                             EvaluateConfig(
                                 data=str(test_half),
+                                model=model,
                                 pretrained=result.checkpoint,
                                 work=str(out / f"eval-{method}"),
                                 feature=audit["planted"]["feature"],
@@ -153,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
                             "bench": "mitigate",
                             **setting,
                             "method": method,
+                            "sampler": result.sampler,
                             "valid": valid,
                             "select": args.select,
                             **{m: ev.get(m) for m in (*METRICS, "gap_spurious", "gap_other")},
@@ -169,11 +200,12 @@ def main(argv: list[str] | None = None) -> None:
     for method in methods:
         stats = {m: _mean([r[m] for r in rows[method]]) for m in (*METRICS, "flip_rate")}
         _emit({"bench": "mitigate-summary", "method": method, "runs": len(rows[method]), **stats})
-    if "ravl" in methods:
-        for other in (m for m in methods if m != "ravl"):
-            for m in METRICS:
-                diffs = [a[m] - b[m] for a, b in zip(rows["ravl"], rows[other], strict=True)]
-                _emit({"bench": "mitigate-paired", "metric": m, "ravl_minus": other, **_paired(np.array(diffs))})
+    for arm in (m for m in methods if m.partition("+")[0] == "ravl"):
+        for other in (m for m in methods if m.partition("+")[0] != "ravl"):
+            for m in (*METRICS, "flip_rate"):
+                pairs = [(a[m], b[m]) for a, b in zip(rows[arm], rows[other], strict=True)]
+                diffs = np.array([a - b for a, b in pairs if a is not None and b is not None])
+                _emit({"bench": "mitigate-paired", "metric": m, "arm": arm, "minus": other, **_paired(diffs)})
 
 
 def _emit(line: dict) -> None:

@@ -557,6 +557,12 @@ def _synth_options() -> list[click.Parameter]:
             help="A grid of cells, or objects of varied size at random non-overlapping positions.",
         ),
         field_option(S, "image_size", help="Scene image side in pixels (--layout scene)."),
+        field_option(
+            S,
+            "caption_feature",
+            "--caption-feature/--plain-captions",
+            help="Captions also name the feature where it is shown (a pretraining set that teaches its words).",
+        ),
         field_option(S, "seed"),
         _overwrite(S),
     ]
@@ -623,7 +629,7 @@ def finetune_cmd(progress: bool, **opts: Any) -> None:
 
 
 def _mitigate_options() -> list[click.Parameter]:
-    from ravl_engine.mitigate import METHODS, SELECT  # noqa: PLC0415
+    from ravl_engine.mitigate import METHODS, SAMPLERS, SELECT  # noqa: PLC0415
     from ravl_engine.mitigate import MitigateConfig as M  # noqa: PLC0415
 
     return [
@@ -631,6 +637,12 @@ def _mitigate_options() -> list[click.Parameter]:
         field_option(M, "discovery", type=click.Path(dir_okay=False), help="discovery.json of the audit."),
         field_option(M, "out", type=click.Path(dir_okay=False), help="Checkpoint file to write."),
         field_option(M, "method", type=click.Choice(METHODS)),
+        field_option(
+            M,
+            "sampler",
+            type=click.Choice(SAMPLERS),
+            help="Training sampler: the method's own, or group-balanced / shuffle for any method.",
+        ),
         field_option(M, "pretrained", help="Starting weights (checkpoint or tag); default random init."),
         field_option(M, "model", help="Architecture of the starting weights (default: the audited model's)."),
         field_option(M, "region_model", help="The audited checkpoint, if it moved since cluster ran."),
@@ -719,6 +731,7 @@ def evaluate_cmd(**opts: Any) -> None:
 
 
 def _demo_options() -> list[click.Parameter]:
+    from ravl_engine.controlled import LAYOUTS  # noqa: PLC0415
     from ravl_engine.demo import DemoConfig as D  # noqa: PLC0415
 
     return [
@@ -729,6 +742,8 @@ def _demo_options() -> list[click.Parameter]:
         field_option(D, "n_train"),
         field_option(D, "n_eval"),
         field_option(D, "epochs"),
+        field_option(D, "layout", type=click.Choice(LAYOUTS), help="synth's layout (scene: use a 112 px --model)."),
+        field_option(D, "image_size", help="Scene image side in pixels (--layout scene)."),
         field_option(D, "model", help="Any --model value, hf:PATH_OR_ID included."),
         field_option(D, "pretrained", help="Fine-tune from this tag or checkpoint (default: from scratch)."),
         field_option(D, "seed"),

@@ -29,7 +29,8 @@ class DemoConfig:
 
     ``pretrained`` / ``lr`` start the fine-tuning from weights instead of from scratch (the mitigation benchmark's
     protocol); ``model`` is any ``--model`` value (``hf:`` folders included); ``resize`` is that of ``finetune``
-    and ``embed``; the other fields are those of ``synth`` and ``finetune``. ``overwrite`` replaces a non-empty
+    and ``embed``; ``layout`` / ``image_size`` are synth's (a scene layout wants a 112 px model such as
+    ``ravl-tiny-rn-112``); the other fields are those of ``synth`` and ``finetune``. ``overwrite`` replaces a non-empty
     ``out`` (default: refuse): the old demo's files are removed first, so seeds never mix.
     """
 
@@ -40,6 +41,8 @@ class DemoConfig:
     n_train: int = 3000
     n_eval: int = 1000
     epochs: int = 6
+    layout: str = "quadrants"
+    image_size: int = 112
     model: str = DEFAULT_MODEL
     pretrained: str | None = None
     lr: float | None = None
@@ -100,6 +103,8 @@ def run_demo(cfg: DemoConfig, *, on_step: Callable[[str], None] | None = None) -
             cramers_v=cfg.cramers_v,
             n_train=cfg.n_train,
             n_eval=cfg.n_eval,
+            layout=cfg.layout,
+            image_size=cfg.image_size,
             seed=cfg.seed,
         )
     )

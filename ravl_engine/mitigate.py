@@ -32,6 +32,7 @@ from ravl_engine.kernels.loss import clip_loss
 from ravl_engine.mitigate_methods import (  # noqa: F401 (StepBatch, GroupDRO, mitigation_loss: re-exported)
     BALANCED,
     METHODS,
+    SAMPLERS,
     WITH_CLASSES,
     GroupDRO,
     StepBatch,
@@ -39,6 +40,7 @@ from ravl_engine.mitigate_methods import (  # noqa: F401 (StepBatch, GroupDRO, m
     method_loss,
     method_sampler,
     mitigation_loss,
+    resolved_sampler,
     zero_shot,
 )
 from ravl_engine.mitigate_prep import Target, prepare, read_target
@@ -62,6 +64,8 @@ class MitigateConfig:
         discovery: discovery.json of the audited model (``ravl-engine cluster``).
         out: checkpoint file to write (loadable by ``embed --pretrained``).
         method: one of METHODS.
+        sampler: "method" (default: the method's own, group-balanced for upsampled / vl-erm / vl-gdro, a plain
+            shuffle for ravl and standard), "balanced" or "shuffle" (e.g. ravl's loss with the balanced sampler).
         model: architecture of the starting weights (default: the audited model's).
         pretrained: starting weights, a checkpoint file or open_clip tag; None = random init (the offline
             controlled experiments, where "pretrained" means from scratch).
@@ -100,6 +104,7 @@ class MitigateConfig:
     discovery: str
     out: str
     method: str = "ravl"
+    sampler: str = "method"
     model: str | None = None
     pretrained: str | None = None
     region_model: str | None = None
@@ -132,6 +137,8 @@ class MitigateConfig:
             check_resize(self.resize)
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if not 0 <= self.clip_weight <= 1:
             raise ConfigError(f"--clip-weight must be in [0, 1], got {self.clip_weight}")
         if not self.temperature > 0:
@@ -180,6 +187,7 @@ class MitigateResult:
     select: str = "pseudo-group"
     n_select: int = 0  # images the selection rule scores (audit selection half, or the held-out share)
     region_mode: str = "roi"  # how the training step embedded the regions (the audit's mode)
+    sampler: str = "shuffle"  # the sampler the loop drew batches with: "balanced" or "shuffle"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -299,7 +307,7 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
         train_idx,
         loss_fn,
         loop,
-        sampler=method_sampler(cfg.method, ts.groups),
+        sampler=method_sampler(cfg.method, ts.groups, cfg.sampler),
         validate=validate,
         on_epoch=on_epoch,
     )
@@ -335,4 +343,5 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
         select=cfg.select,
         n_select=int(audit.labels.numel()) if audit is not None else int(val_labelled.numel()),
         region_mode=ts.region_mode,
+        sampler=resolved_sampler(cfg.method, cfg.sampler),
     )

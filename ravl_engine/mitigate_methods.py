@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 METHODS = ("ravl", "standard", "upsampled", "vl-erm", "vl-gdro")
 BALANCED = ("upsampled", "vl-erm", "vl-gdro")
+SAMPLERS = ("method", "balanced", "shuffle")  # "method": balanced for the BALANCED methods, else shuffle
 WITH_CLASSES = ("ravl", "vl-erm", "vl-gdro")
 
 
@@ -168,9 +169,17 @@ def mitigation_loss(
     return lam * loss_cl + (1 - lam) * aux, loss_cl, aux
 
 
-def method_sampler(method: str, groups: Tensor) -> Sampler:
-    """The method's sampler: group-balanced for the BALANCED methods, else a plain shuffle."""
-    return balanced_sampler(groups) if method in BALANCED else shuffle_sampler
+def resolved_sampler(method: str, sampler: str = "method") -> str:
+    """ "balanced" or "shuffle": ``sampler``, where "method" is the method's own (group-balanced for the BALANCED
+    methods, else a plain shuffle)."""
+    if sampler != "method":
+        return sampler
+    return "balanced" if method in BALANCED else "shuffle"
+
+
+def method_sampler(method: str, groups: Tensor, sampler: str = "method") -> Sampler:
+    """The training sampler (see :func:`resolved_sampler`): group-balanced over ``groups``, or a plain shuffle."""
+    return balanced_sampler(groups) if resolved_sampler(method, sampler) == "balanced" else shuffle_sampler
 
 
 def method_loss(

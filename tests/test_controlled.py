@@ -93,6 +93,20 @@ def test_synth_cli_and_bad_options(tmp_path):
     assert summary["feature"] == "blue disk" and summary["n_train"] == 40
     with open(summary["eval_manifest"]) as fh:
         assert sum(1 for _ in csv.DictReader(fh)) == 20
+    with open(summary["train_manifest"]) as fh:
+        assert not any("disk" in r["caption"] for r in csv.DictReader(fh))  # plain captions by default
+    # --caption-feature: the captions of the images that show the feature name it, and only those
+    named = tmp_path / "named"
+    res = CliRunner().invoke(
+        main,
+        ["synth", "--out", str(named), "--n-train", "40", "--n-eval", "20", "--classes", "0,1", "--caption-feature"],
+    )
+    assert res.exit_code == 0, res.output
+    with open(json.loads(res.stdout)["eval_manifest"]) as fh:
+        rows = list(csv.DictReader(fh))
+    shown = ["red square" in json.loads(r["region_labels"]) for r in rows]
+    assert 0 < sum(shown) < len(rows)
+    assert [r["caption"].endswith(" with a red square") for r in rows] == shown
     for args, message in [
         (["--shape", "hexagon"], "unknown shape 'hexagon'"),
         (["--color", "mauve"], "unknown colour 'mauve'"),

@@ -65,6 +65,19 @@ def test_reduced_demo_runs_end_to_end(tmp_path):
     json.dumps(summary)
 
 
+def test_demo_cli_runs_the_scene_layout(tmp_path):
+    out = tmp_path / "scene"
+    args = ["demo", "--out", str(out), "--layout", "scene", "--image-size", "96", "--model", "ravl-tiny-rn-112"]
+    res = CliRunner().invoke(main, [*args, "--n-train", "60", "--n-eval", "40", "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["config"]["layout"] == "scene" and summary["config"]["image_size"] == 96
+    from PIL import Image
+
+    first = next((out / "data").rglob("*.png"))
+    assert Image.open(first).size == (96, 96)  # synth drew scenes, not 56 px quadrant images
+
+
 @pytest.mark.slow
 def test_default_demo_finds_the_planted_feature(tmp_path):
     res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path)])

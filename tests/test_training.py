@@ -274,3 +274,24 @@ def test_pseudo_group_selection_needs_the_audit_images(sets, tmp_path):
     cfg = MitigateConfig(train=str(train_set), discovery=str(moved), out=str(tmp_path / "m.pt"), epochs=1)
     with pytest.raises(ConfigError, match="--audit-data"):
         run_mitigate(cfg)
+
+
+def test_any_method_can_take_either_sampler():
+    from ravl_engine.mitigate_methods import method_sampler, resolved_sampler
+
+    groups = torch.tensor([0] * 90 + [1] * 10)
+    assert [resolved_sampler(m) for m in ("ravl", "standard", "upsampled", "vl-erm", "vl-gdro")] == [
+        "shuffle",
+        "shuffle",
+        "balanced",
+        "balanced",
+        "balanced",
+    ]
+    assert resolved_sampler("ravl", "balanced") == "balanced" and resolved_sampler("upsampled", "shuffle") == "shuffle"
+    idx = torch.arange(100)
+    ravl_balanced = method_sampler("ravl", groups, "balanced")(idx, torch.Generator().manual_seed(0))
+    assert 30 < int((groups[ravl_balanced] == 1).sum()) < 70  # the rare group drawn about half the time
+    ravl_own = method_sampler("ravl", groups)(idx, torch.Generator().manual_seed(0))
+    assert sorted(ravl_own.tolist()) == list(range(100))  # a permutation: the rare group 10 times
+    with pytest.raises(ConfigError, match="--sampler"):
+        MitigateConfig(train="t.csv", discovery="d.json", out="o.pt", sampler="upsampled")
