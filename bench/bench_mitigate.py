@@ -51,9 +51,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=15)
     parser.add_argument("--pretrain-lr", type=float, default=5e-4)
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate")
+    parser.add_argument("--lr", type=float, default=5e-4, help="fine-tuning learning rate (audit and every method)")
     parser.add_argument("--reduction", default="mean", choices=["sum", "mean"])
     parser.add_argument("--select", default="pseudo-group", choices=["pseudo-group", "accuracy", "worst-group", "last"])
+    parser.add_argument(
+        "--keep-start",
+        action="store_true",
+        help="let the pretrained start (epoch 0) be the kept epoch; off by default: the start was trained on the "
+        "same domain without the bias, and with it every method kept epoch 0 (bench/results/"
+        "mitigate-2026-12-04-keep-start.jsonl)",
+    )
     parser.add_argument("--clip-weight", type=float, default=0.8, help="lambda of the RaVL and VL losses")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the audit set's selection / test halves")
     parser.add_argument(
@@ -163,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
                                 clip_weight=args.clip_weight,
                                 reduction=args.reduction,
                                 select=args.select,
+                                keep_start=args.keep_start,
                                 audit_data=str(data / "eval.csv"),
                                 split_seed=args.split_seed,
                                 seed=seed,
@@ -188,7 +196,10 @@ def main(argv: list[str] | None = None) -> None:
                             "select": args.select,
                             **{m: ev.get(m) for m in (*METRICS, "gap_spurious", "gap_other")},
                             "flip_rate": (ev.get("counterfactual") or {}).get("flip_rate"),
+                            "keep_start": args.keep_start,
                             "best_epoch": result.best_epoch,
+                            "start_val": result.start_val,
+                            "best_val": result.best_val,
                             "step_seconds": result.step_seconds,
                             "spurious_regions": result.n_spurious_regions,
                             "seconds": time.perf_counter() - t0,

@@ -667,6 +667,12 @@ def _mitigate_options() -> list[click.Parameter]:
             "set's selection half).",
         ),
         field_option(
+            M,
+            "keep_start",
+            "--keep-start/--fine-tuned-only",
+            help="Whether the starting weights (epoch 0) may be the kept epoch.",
+        ),
+        field_option(
             M, "audit_data", type=click.Path(dir_okay=False), help="Audit manifest (default: the one cluster recorded)."
         ),
         field_option(M, "split_seed", help="Seed of the audit set's selection / test halves."),

@@ -89,6 +89,9 @@ class MitigateConfig:
             discovery.json, never from feature labels). "accuracy" / "worst-group": the best zero-shot accuracy /
             worst-group accuracy on the held-out fine-tuning images (these come from the biased distribution, so
             they cannot see the shortcut). "last": the last epoch (the validation value is still reported).
+        keep_start: the starting weights (epoch 0) may be the kept epoch (default). False = only fine-tuned epochs
+            compete: where the start was trained on the same domain without the bias (the controlled benchmarks),
+            every method would otherwise keep epoch 0 and the comparison would measure the start, not the method.
         audit_data: the labelled audit manifest (the one embedded for discovery) for "pseudo-group"; None = the
             one discovery.json records.
         split_seed: seed of the audit set's selection / test halves (hash of the image id).
@@ -124,6 +127,7 @@ class MitigateConfig:
     val_fraction: float = 0.1
     patience: int = 6
     select: str = "pseudo-group"
+    keep_start: bool = True
     audit_data: str | None = None
     split_seed: int = 0
     templates: tuple[str, ...] | None = None
@@ -188,6 +192,7 @@ class MitigateResult:
     n_select: int = 0  # images the selection rule scores (audit selection half, or the held-out share)
     region_mode: str = "roi"  # how the training step embedded the regions (the audit's mode)
     sampler: str = "shuffle"  # the sampler the loop drew batches with: "balanced" or "shuffle"
+    start_val: float = float("nan")  # the selection value of the starting weights (epoch 0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -298,6 +303,7 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
         batch_size=cfg.batch_size,
         patience=cfg.patience,
         keep_last=cfg.select == "last",
+        keep_start=cfg.keep_start,
         seed=cfg.seed,
         metric=metric,
     )
@@ -344,4 +350,5 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
         n_select=int(audit.labels.numel()) if audit is not None else int(val_labelled.numel()),
         region_mode=ts.region_mode,
         sampler=resolved_sampler(cfg.method, cfg.sampler),
+        start_val=float(result.extra["start_val"]),
     )

@@ -135,6 +135,8 @@ class LoopConfig:
         epochs, batch_size: passes over the training set and the global batch size.
         patience: stop after this many epochs without a better validation value (not with ``keep_last``).
         keep_last: keep the last epoch's weights (``--select last``); the validation value is still recorded.
+        keep_start: the starting weights (epoch 0) compete with the trained epochs; False = only trained epochs
+            can be kept (epoch 0 is still scored, as ``extra["start_val"]``).
         seed: seeds the run's one generator; every epoch's order is drawn from it.
         metric: the name the validation value is recorded under in the history.
     """
@@ -143,6 +145,7 @@ class LoopConfig:
     batch_size: int
     patience: int
     keep_last: bool = False
+    keep_start: bool = True
     seed: int = 0
     metric: str = "zero_shot_accuracy"
 
@@ -178,7 +181,8 @@ def train_loop(
     keep_last = cfg.keep_last or validate is None
     score = validate if validate is not None else (lambda: 0.0)
     generator = torch.Generator().manual_seed(cfg.seed)
-    best_val, best_epoch = score(), 0
+    start_val = score()
+    best_val, best_epoch = (start_val, 0) if cfg.keep_start else (float("-inf"), 0)
     best_state = snapshot(model)
     history: list[dict[str, float]] = []
     stale, steps, step_time = 0, 0, 0.0
@@ -224,6 +228,7 @@ def train_loop(
         history=history,
         step_seconds=step_time / max(1, steps),
         steps=steps,
+        extra={"start_val": start_val},
     )
 
 

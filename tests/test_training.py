@@ -295,3 +295,21 @@ def test_any_method_can_take_either_sampler():
     assert sorted(ravl_own.tolist()) == list(range(100))  # a permutation: the rare group 10 times
     with pytest.raises(ConfigError, match="--sampler"):
         MitigateConfig(train="t.csv", discovery="d.json", out="o.pt", sampler="upsampled")
+
+
+@pytest.mark.parametrize("keep_start", [True, False])
+def test_the_start_competes_only_when_asked(keep_start):
+    # the validation value falls with training: the start is best; without keep_start a trained epoch is kept
+    model = torch.nn.Linear(2, 2)
+    model.logit_scale = torch.nn.Parameter(torch.zeros(()))
+    values = iter([0.9, 0.5, 0.7, 0.6])
+
+    def loss_fn(idx):
+        loss = model.weight.sum() * 0
+        return loss, loss, loss
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    cfg = LoopConfig(epochs=3, batch_size=4, patience=3, keep_start=keep_start)
+    result = train_loop(model, optimizer, torch.arange(8), loss_fn, cfg, validate=lambda: next(values))
+    assert result.extra["start_val"] == 0.9
+    assert (result.best_epoch, result.best_val) == ((0, 0.9) if keep_start else (2, 0.7))
