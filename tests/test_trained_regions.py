@@ -83,6 +83,7 @@ def test_trained_tiny_model_classifies_digit_quadrants(tmp_path):
         ).mean()
     )
     print(f"image accuracy {image_accuracy:.3f}, digit-region accuracy {accuracy:.3f}")
-    # chance is 0.1 for both. The trajectory depends on the CPU's float kernels: image accuracy measured 0.473 on a
-    # 2-core Intel Xeon with AVX-512 (2026-12-04), above 0.5 on a 2-core AMD EPYC; a broken path sits at chance
-    assert image_accuracy > 0.3 and accuracy > 0.3, (image_accuracy, accuracy)
+    # chance is 0.1 for both. The trajectory depends on the CPU's float kernels: measured image 0.473, digit regions
+    # 0.343 on a 2-core Intel Xeon with AVX-512 (2026-12-04), image above 0.5 on a 2-core AMD EPYC; a broken path
+    # sits at chance
+    assert image_accuracy > 0.3 and accuracy > 0.2, (image_accuracy, accuracy)
