@@ -17,12 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+from bench.common import add_source_option
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default=str(DEFAULT_MNIST), help="folder of MNIST idx files, or 'sklearn'")
+    add_source_option(parser)
     parser.add_argument("--classes", default="3,5,8", help="spurious classes")
     parser.add_argument("--cramers-v", default="0.9,0.99")
     parser.add_argument("--seeds", default="0")

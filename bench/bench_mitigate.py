@@ -27,13 +27,14 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+from bench.common import add_source_option
+
 METRICS = ("image_overall", "image_worst_group", "region_overall", "region_worst_group")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default=str(DEFAULT_MNIST), help="folder of MNIST idx files, or 'sklearn'")
+    add_source_option(parser)
     parser.add_argument(
         "--family",
         default="quadrants",
@@ -80,8 +81,8 @@ def main(argv: list[str] | None = None) -> None:
 
     model = args.model or ("ravl-tiny-rn-112" if args.family == "scene" else "ravl-tiny-rn")
     methods = args.methods.split(",")
-    for spec in methods:
-        name, _, sampler = spec.partition("+")
+    arms = {spec: spec.partition("+")[::2] for spec in methods}  # spec -> (method, sampler or "")
+    for spec, (name, sampler) in arms.items():
         if name not in METHODS or (sampler and sampler not in SAMPLERS):
             parser.error(f"--methods: {spec!r} is not METHOD[+SAMPLER] ({', '.join(METHODS)}; {', '.join(SAMPLERS)})")
     rows: dict[str, list[dict]] = {m: [] for m in methods}
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
                     test_half = _test_half(data / "eval.csv", args.split_seed)
                     for method in methods:
                         t0 = time.perf_counter()
-                        name, _, sampler = method.partition("+")
+                        name, sampler = arms[method]
                         result = run_mitigate(
                             MitigateConfig(
                                 train=str(data / "train.csv"),
@@ -211,8 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     for method in methods:
         stats = {m: _mean([r[m] for r in rows[method]]) for m in (*METRICS, "flip_rate")}
         _emit({"bench": "mitigate-summary", "method": method, "runs": len(rows[method]), **stats})
-    for arm in (m for m in methods if m.partition("+")[0] == "ravl"):
-        for other in (m for m in methods if m.partition("+")[0] != "ravl"):
+    for arm in (m for m in methods if arms[m][0] == "ravl"):
+        for other in (m for m in methods if arms[m][0] != "ravl"):
             for m in (*METRICS, "flip_rate"):
                 pairs = [(a[m], b[m]) for a, b in zip(rows[arm], rows[other], strict=True)]
                 diffs = np.array([a - b for a, b in pairs if a is not None and b is not None])

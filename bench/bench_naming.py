@@ -24,15 +24,19 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bench.common import add_source_option
+
+if TYPE_CHECKING:
+    from ravl_engine.finetune import FinetuneResult
 
 SETTINGS = [(c, color, shape) for c in (3, 5, 8) for color, shape in (("red", "square"), ("blue", "disk"))]
 
 
-DEFAULT_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-
-
-def pretrain(work: Path, *, color: str, shape: str, args: argparse.Namespace) -> tuple[str, float]:
-    """The tiny CLIP trained from scratch on a neutral set whose captions name the feature where it is shown."""
+def pretrain(work: Path, *, color: str, shape: str, args: argparse.Namespace) -> FinetuneResult:
+    """The tiny CLIP trained from scratch on a neutral set whose captions name the feature where it is shown (its
+    FinetuneResult)."""
     from ravl_engine.controlled import SynthConfig, run_synth
     from ravl_engine.finetune import FinetuneConfig, run_finetune
 
@@ -44,11 +48,11 @@ def pretrain(work: Path, *, color: str, shape: str, args: argparse.Namespace) ->
         FinetuneConfig(train=neutral.train_manifest, out=str(work / "pre.pt"), epochs=args.pretrain_epochs,
                        patience=args.pretrain_epochs, lr=args.pretrain_lr, seed=args.seed)
     )  # fmt: skip
-    return pre.checkpoint, pre.best_val
+    return pre
 
 
 def run_setting(
-    work: Path, *, spurious_class: int, color: str, shape: str, pre: tuple[str, float], args: argparse.Namespace
+    work: Path, *, spurious_class: int, color: str, shape: str, pre: FinetuneResult, args: argparse.Namespace
 ) -> dict:
     from ravl_engine.cluster import ClusterConfig, run_cluster
     from ravl_engine.config import DiscoverConfig
@@ -73,7 +77,7 @@ def run_setting(
         )
     )
     tuned = run_finetune(
-        FinetuneConfig(train=biased.train_manifest, out=str(work / "tuned.pt"), pretrained=pre[0],
+        FinetuneConfig(train=biased.train_manifest, out=str(work / "tuned.pt"), pretrained=pre.checkpoint,
                        lr=args.lr, epochs=args.epochs, patience=args.epochs, seed=args.seed)
     )  # fmt: skip
     run_embed(
@@ -106,7 +110,7 @@ def run_setting(
         "first_rank_named_planted": rank_named,
         "n_ranked": len(doc["clusters"]),
         "filter": "off (influence > -inf, no two-sign rule)",
-        "pretrain_val_acc": pre[1],
+        "pretrain_val_acc": pre.best_val,
         "finetune_val_acc": tuned.best_val,
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -115,7 +119,7 @@ def run_setting(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="append JSON lines here (also printed)")
-    parser.add_argument("--source", default=str(DEFAULT_MNIST), help="folder of MNIST idx files, or 'sklearn'")
+    add_source_option(parser)
     parser.add_argument("--n-pretrain", type=int, default=3000)
     parser.add_argument("--n-train", type=int, default=3000)
     parser.add_argument("--n-eval", type=int, default=1000)
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=len(SETTINGS), help="run only the first N settings")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="ravl-bench-naming-"))
-    pretrained: dict[tuple[str, str], tuple[str, float]] = {}
+    pretrained: dict[tuple[str, str], FinetuneResult] = {}
     try:
         for spurious_class, color, shape in SETTINGS[: args.limit]:
             if (color, shape) not in pretrained:
