@@ -53,6 +53,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrain-lr", type=float, default=5e-4)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--lr", type=float, default=5e-4, help="fine-tuning learning rate (audit and every method)")
+    parser.add_argument(
+        "--mitigate-lr", type=float, default=None, help="learning rate of the methods only (default: --lr)"
+    )
+    parser.add_argument(
+        "--freeze-bn", action="store_true", help="every method with BatchNorm frozen (mitigate --freeze-bn)"
+    )
     parser.add_argument("--reduction", default="mean", choices=["sum", "mean"])
     parser.add_argument("--select", default="pseudo-group", choices=["pseudo-group", "accuracy", "worst-group", "last"])
     parser.add_argument(
@@ -164,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
                                 method=name,
                                 sampler=sampler or "method",
                                 pretrained=base,
-                                lr=args.lr,
+                                lr=args.mitigate_lr or args.lr,
+                                freeze_bn=args.freeze_bn,
                                 work_dir=str(out / "train-regions"),
                                 epochs=args.epochs,
                                 patience=args.epochs,
@@ -198,6 +205,9 @@ def main(argv: list[str] | None = None) -> None:
                             **{m: ev.get(m) for m in (*METRICS, "gap_spurious", "gap_other")},
                             "flip_rate": (ev.get("counterfactual") or {}).get("flip_rate"),
                             "keep_start": args.keep_start,
+                            "lr": args.mitigate_lr or args.lr,
+                            "freeze_bn": args.freeze_bn,
+                            "clip_weight": args.clip_weight,
                             "best_epoch": result.best_epoch,
                             "start_val": result.start_val,
                             "best_val": result.best_val,

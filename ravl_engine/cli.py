@@ -673,6 +673,12 @@ def _mitigate_options() -> list[click.Parameter]:
             help="Whether the starting weights (epoch 0) may be the kept epoch.",
         ),
         field_option(
+            M,
+            "freeze_bn",
+            "--freeze-bn/--train-bn",
+            help="BatchNorm on the starting statistics and weights in the image and region paths (default: train).",
+        ),
+        field_option(
             M, "audit_data", type=click.Path(dir_okay=False), help="Audit manifest (default: the one cluster recorded)."
         ),
         field_option(M, "split_seed", help="Seed of the audit set's selection / test halves."),

@@ -92,6 +92,8 @@ class MitigateConfig:
         keep_start: the starting weights (epoch 0) may be the kept epoch (default). False = only fine-tuned epochs
             compete: where the start was trained on the same domain without the bias (the controlled benchmarks),
             every method would otherwise keep epoch 0 and the comparison would measure the start, not the method.
+        freeze_bn: BatchNorm on the starting running statistics and affine weights in both the image and the
+            region path (``LoopConfig.freeze_bn``); default off (the image path trains on batch statistics).
         audit_data: the labelled audit manifest (the one embedded for discovery) for "pseudo-group"; None = the
             one discovery.json records.
         split_seed: seed of the audit set's selection / test halves (hash of the image id).
@@ -128,6 +130,7 @@ class MitigateConfig:
     patience: int = 6
     select: str = "pseudo-group"
     keep_start: bool = True
+    freeze_bn: bool = False
     audit_data: str | None = None
     split_seed: int = 0
     templates: tuple[str, ...] | None = None
@@ -304,6 +307,7 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
         patience=cfg.patience,
         keep_last=cfg.select == "last",
         keep_start=cfg.keep_start,
+        freeze_bn=cfg.freeze_bn,
         seed=cfg.seed,
         metric=metric,
     )

@@ -137,6 +137,8 @@ class LoopConfig:
         keep_last: keep the last epoch's weights (``--select last``); the validation value is still recorded.
         keep_start: the starting weights (epoch 0) compete with the trained epochs; False = only trained epochs
             can be kept (epoch 0 is still scored, as ``extra["start_val"]``).
+        freeze_bn: every BatchNorm layer runs on its starting running statistics and keeps its affine weights
+            (eval mode, no gradient), so the image path normalises as the region path and as at inference.
         seed: seeds the run's one generator; every epoch's order is drawn from it.
         metric: the name the validation value is recorded under in the history.
     """
@@ -146,6 +148,7 @@ class LoopConfig:
     patience: int
     keep_last: bool = False
     keep_start: bool = True
+    freeze_bn: bool = False
     seed: int = 0
     metric: str = "zero_shot_accuracy"
 
@@ -186,8 +189,13 @@ def train_loop(
     best_state = snapshot(model)
     history: list[dict[str, float]] = []
     stale, steps, step_time = 0, 0, 0.0
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if cfg.freeze_bn else []
+    for m in norms:
+        m.requires_grad_(False)
     for epoch in range(1, cfg.epochs + 1):
         model.train()
+        for m in norms:
+            m.eval()
         order = sampler(train_idx, generator)
         sums = {"loss": 0.0, "clip": 0.0, "aux": 0.0}
         batches = 0

@@ -313,3 +313,25 @@ def test_the_start_competes_only_when_asked(keep_start):
     result = train_loop(model, optimizer, torch.arange(8), loss_fn, cfg, validate=lambda: next(values))
     assert result.extra["start_val"] == 0.9
     assert (result.best_epoch, result.best_val) == ((0, 0.9) if keep_start else (2, 0.7))
+
+
+@pytest.mark.parametrize("freeze_bn", [False, True])
+def test_frozen_batchnorm_keeps_its_statistics_and_weights(freeze_bn):
+    # a conv + BatchNorm net trained on shifted inputs: BatchNorm moves unless frozen, the conv trains either way
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten())
+    model.logit_scale = torch.nn.Parameter(torch.zeros(()))
+    data = torch.randn(16, 3, 6, 6) * 3 + 2
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def loss_fn(idx):
+        loss = model(data[idx]).pow(2).mean()
+        return loss, loss, loss * 0
+
+    optimizer = torch.optim.SGD([p for p in model.parameters()], lr=0.1)
+    cfg = LoopConfig(epochs=2, batch_size=8, patience=2, freeze_bn=freeze_bn)
+    train_loop(model, optimizer, torch.arange(16), loss_fn, cfg)
+    after = model.state_dict()
+    assert not torch.equal(after["0.weight"], before["0.weight"])
+    norm_keys = ("1.weight", "1.bias", "1.running_mean", "1.running_var")
+    assert all(torch.equal(after[k], before[k]) for k in norm_keys) == freeze_bn
