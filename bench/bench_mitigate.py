@@ -18,6 +18,7 @@ discovered groups (``mitigate --sampler balanced``); every RaVL arm is compared,
 
     python -m bench.bench_mitigate                                      # classes 3,5,8 x V 0.99 x seeds 0,1,2
     python -m bench.bench_mitigate --classes 3 --seeds 0 --methods standard,ravl,ravl+balanced
+    python -m bench.bench_mitigate --shape disk --color blue --classes 2,6,9 --seeds 5,6    # another feature
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=None, help="default: ravl-tiny-rn, or ravl-tiny-rn-112 for scenes")
     parser.add_argument("--classes", default="3,5,8", help="spurious classes")
     parser.add_argument("--cramers-v", default="0.99")
+    parser.add_argument("--shape", default="square", help="the planted feature's shape (synth's SHAPES)")
+    parser.add_argument("--color", default="red", help="the planted feature's colour (synth's COLORS)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default="standard,upsampled,vl-erm,vl-gdro,ravl,ravl+balanced")
     parser.add_argument("--n-pretrain", type=int, default=3000, help="images of the neutral pretraining set")
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
                             source=args.source,
                             spurious_class=cls,
                             cramers_v=v,
+                            shape=args.shape,
+                            color=args.color,
                             n_train=args.n_train,
                             n_eval=args.n_eval,
                             epochs=args.epochs,
@@ -158,7 +163,13 @@ def main(argv: list[str] | None = None) -> None:
                     p10 = audit["found"].get("precision_at_10") or 0.0
                     gaps = (audit["validity"]["gap_spurious"], audit["validity"]["gap_other"])
                     valid = bool(audit["validity"]["valid"]) and p10 > 0.6
-                    setting = {"family": args.family, "spurious_class": cls, "cramers_v": v, "seed": seed}
+                    setting = {
+                        "family": args.family,
+                        "feature": audit["planted"]["feature"],
+                        "spurious_class": cls,
+                        "cramers_v": v,
+                        "seed": seed,
+                    }
                     _emit(
                         {"bench": "mitigate-setting", **setting, "valid": valid, "precision_at_10": p10, "gaps": gaps}
                     )

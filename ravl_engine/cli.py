@@ -751,6 +751,8 @@ def _demo_options() -> list[click.Parameter]:
         field_option(D, "source", help="'sklearn' (offline) or a folder of idx files."),
         field_option(D, "spurious_class"),
         field_option(D, "cramers_v"),
+        field_option(D, "shape", help="The planted feature's shape: square, disk, ring, triangle, stripes."),
+        field_option(D, "color", help="The planted feature's colour: red, green, blue, yellow, magenta, cyan, white."),
         field_option(D, "n_train"),
         field_option(D, "n_eval"),
         field_option(D, "epochs"),
@@ -767,7 +769,8 @@ def _demo_options() -> list[click.Parameter]:
 
 @_stage("demo", _demo_options)
 def demo_cmd(**opts: Any) -> None:
-    """Plant a red square on one digit class, fine-tune a tiny CLIP, and let RaVL find it (offline, ~1 min on CPU)."""
+    """Plant a feature (a red square by default) on one digit class, fine-tune a tiny CLIP, and let RaVL find it
+    (offline, ~1 min on CPU)."""
     from ravl_engine.demo import DemoConfig, run_demo  # noqa: PLC0415
 
     summary = run_demo(DemoConfig(**opts), on_step=lambda name: click.echo(f"[demo] {name}", err=True)).to_dict()

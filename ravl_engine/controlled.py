@@ -134,10 +134,7 @@ class SynthConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if self.shape not in SHAPES:
-            raise ConfigError(f"unknown shape {self.shape!r}; choose one of {', '.join(SHAPES)}")
-        if self.color not in COLORS:
-            raise ConfigError(f"unknown colour {self.color!r}; choose one of {', '.join(COLORS)}")
+        check_feature(self.shape, self.color)
         if not 0 <= self.cramers_v < 1:
             raise ConfigError(f"cramers_v must be in [0, 1), got {self.cramers_v}")
         if not 0 < self.size <= 1:
@@ -202,6 +199,14 @@ def _download_torchvision(source: str) -> tuple[np.ndarray, np.ndarray]:
             "folder of idx files"
         ) from err
     return data.data.numpy().astype(np.uint8), data.targets.numpy().astype(np.int64)
+
+
+def check_feature(shape: str, color: str) -> None:
+    """ConfigError unless ``shape`` is one of SHAPES and ``color`` one of COLORS."""
+    if shape not in SHAPES:
+        raise ConfigError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    if color not in COLORS:
+        raise ConfigError(f"unknown colour {color!r}; choose one of {', '.join(COLORS)}")
 
 
 def feature_patch(shape: str, color: str, size: int) -> np.ndarray:

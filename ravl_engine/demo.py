@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ravl_engine.cluster import ClusterConfig, run_cluster
-from ravl_engine.controlled import SynthConfig, run_synth
+from ravl_engine.controlled import SynthConfig, check_feature, run_synth
 from ravl_engine.embed import EmbedConfig, run_embed
 from ravl_engine.evaluate import evaluate_dir
 from ravl_engine.finetune import FinetuneConfig, run_finetune
@@ -29,15 +29,18 @@ class DemoConfig:
 
     ``pretrained`` / ``lr`` start the fine-tuning from weights instead of from scratch (the mitigation benchmark's
     protocol); ``model`` is any ``--model`` value (``hf:`` folders included); ``resize`` is that of ``finetune``
-    and ``embed``; ``layout`` / ``image_size`` are synth's (a scene layout wants a 112 px model such as
-    ``ravl-tiny-rn-112``); the other fields are those of ``synth`` and ``finetune``. ``overwrite`` replaces a non-empty
-    ``out`` (default: refuse): the old demo's files are removed first, so seeds never mix.
+    and ``embed``; ``shape`` / ``color`` (the planted feature) and ``layout`` / ``image_size`` are synth's (a scene
+    layout wants a 112 px model such as ``ravl-tiny-rn-112``); the other fields are those of ``synth`` and
+    ``finetune``. ``overwrite`` replaces a non-empty ``out`` (default: refuse): the old demo's files are removed
+    first, so seeds never mix.
     """
 
     out: str = "ravl-demo"
     source: str = "sklearn"
     spurious_class: int = 3
     cramers_v: float = 0.9
+    shape: str = "square"
+    color: str = "red"
     n_train: int = 3000
     n_eval: int = 1000
     epochs: int = 6
@@ -86,6 +89,7 @@ def run_demo(cfg: DemoConfig, *, on_step: Callable[[str], None] | None = None) -
     """Run the demo: synth, finetune, embed, cluster, evaluate (``on_step`` is called with each step's name)."""
     out = Path(cfg.out)
     check_resize(cfg.resize)
+    check_feature(cfg.shape, cfg.color)  # before clear_out: a typo must not cost the old demo
     clear_out(out, overwrite=cfg.overwrite)
     seconds: dict[str, float] = {}
 
@@ -101,6 +105,8 @@ def run_demo(cfg: DemoConfig, *, on_step: Callable[[str], None] | None = None) -
             source=cfg.source,
             spurious_class=cfg.spurious_class,
             cramers_v=cfg.cramers_v,
+            shape=cfg.shape,
+            color=cfg.color,
             n_train=cfg.n_train,
             n_eval=cfg.n_eval,
             layout=cfg.layout,

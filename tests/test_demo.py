@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -76,6 +77,22 @@ def test_demo_cli_runs_the_scene_layout(tmp_path):
 
     first = next((out / "data").rglob("*.png"))
     assert Image.open(first).size == (96, 96)  # synth drew scenes, not 56 px quadrant images
+
+
+def test_demo_plants_the_feature_it_is_given(tmp_path):
+    out = tmp_path / "disk"
+    args = ["demo", "--out", str(out), "--shape", "disk", "--color", "blue", "--n-train", "60", "--n-eval", "40"]
+    res = CliRunner().invoke(main, [*args, "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["planted"]["feature"] == "blue disk" and summary["config"]["shape"] == "disk"
+    rows = list(csv.DictReader((out / "data" / "eval.csv").open()))
+    labels = {label for r in rows for label in json.loads(r["region_labels"])}
+    assert "blue disk" in labels and "red square" not in labels
+    # a typo is refused before the existing demo is touched, even with --overwrite
+    bad = CliRunner().invoke(main, ["demo", "--out", str(out), "--shape", "disc", "--overwrite"])
+    assert bad.exit_code != 0 and "disc" in bad.output
+    assert (out / "data" / "eval.csv").exists()
 
 
 @pytest.mark.slow
