@@ -25,7 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import roi_align
+
+from ravl_engine.kernels.roialign import roi_align
 
 MODES = ("roi", "roi-mean", "crop")
 
