@@ -286,7 +286,7 @@ def crop_embed(visual: Any, images: Tensor, boxes: Sequence[Tensor]) -> tuple[Te
     crops = roi_align(
         images,
         _as_rois(boxes, images),
-        output_size=tuple(images.shape[-2:]),
+        output_size=(images.shape[-2], images.shape[-1]),
         spatial_scale=1.0,
         sampling_ratio=-1,
         aligned=True,
