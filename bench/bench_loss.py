@@ -9,6 +9,7 @@ loss alone (forward + backward) against the CLIP loss on embeddings.
 
     python -m bench.bench_loss                                   # tiny ResNet and ViT, batch 128
     python -m bench.bench_loss --models RN50 --batch-size 32 --repeats 3
+    python -m bench.bench_loss --models ravl-tiny-rn,ravl-tiny-rn-112 --torchvision-roialign   # the RoIAlign change
 """
 
 from __future__ import annotations
@@ -42,6 +43,20 @@ def _train_step(model, batch, class_emb, cfg, optimizer) -> None:
     optimizer.step()
 
 
+def _with_torchvision_roialign(step) -> None:
+    """Run ``step`` with torchvision's roi_align where the engine would use its matmul form."""
+    from torchvision.ops import roi_align
+
+    import ravl_engine.kernels.roialign as kernel
+
+    matmul = kernel.roi_align_matmul
+    kernel.roi_align_matmul = lambda f, boxes, *args: roi_align(f, [b.to(f.dtype) for b in boxes], *args)
+    try:
+        step()
+    finally:
+        kernel.roi_align_matmul = matmul
+
+
 def _iqr(values: list[float]) -> float:
     q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
     return q[2] - q[0]
@@ -54,6 +69,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--torchvision-roialign",
+        action="store_true",
+        help="also time the RaVL step with torchvision's roi_align in its backward (the step before "
+        "ravl_engine/kernels/roialign.py), as step 'ravl-torchvision-roialign'",
+    )
     args = parser.parse_args(argv)
 
     from ravl_engine.finetune import make_optimizer
@@ -95,6 +116,10 @@ def main(argv: list[str] | None = None) -> None:
             cfg = MitigateConfig(train="-", discovery="-", out="-", method=method)
 
             steps[method] = functools.partial(_train_step, model, batch, class_emb, cfg, optimizer)
+        if args.torchvision_roialign:
+            cfg = MitigateConfig(train="-", discovery="-", out="-", method="ravl")
+            step = functools.partial(_train_step, model, batch, class_emb, cfg, optimizer)
+            steps["ravl-torchvision-roialign"] = functools.partial(_with_torchvision_roialign, step)
         for fn in steps.values():
             _time(fn, args.warmup)
         times: dict[str, list[float]] = {m: [] for m in steps}
@@ -111,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
                 "model": name,
                 "step": method,
                 "batch": b,
-                "regions_per_image": 4 if method == "ravl" else 0,
+                "regions_per_image": 0 if method == "standard" else 4,
                 "ms_median": ms,
                 "ms_iqr": _iqr(values) * 1e3,
                 "items_per_s": b / (ms / 1e3),
