@@ -53,17 +53,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-pretrain", type=int, default=3000, help="images of the neutral pretraining set")
     parser.add_argument("--n-train", type=int, default=3000)
     parser.add_argument("--n-eval", type=int, default=1000)
-    parser.add_argument("--pretrain-epochs", type=int, default=15)
+    parser.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=15,
+        help="0 = no pretraining: the audited model and every method start from the same random init",
+    )
     parser.add_argument("--pretrain-lr", type=float, default=5e-4)
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--lr", type=float, default=5e-4, help="learning rate of the audited model's fine-tuning")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate of the audited model's fine-tuning (5e-4; 1e-3 from scratch)",
+    )
     parser.add_argument(
         "--mitigate-lr",
         type=float,
         default=None,
         help="learning rate of every method; default 5e-5 for quadrants (the paper's, and mitigate's default from "
-        "weights), 5e-4 for scenes (their weak start does not train at 5e-5 in 5 epochs: bench/results/"
-        "mitigate-scene-lr5e-5-2026-12-04.jsonl)",
+        "weights), 1e-3 from scratch (mitigate's default there), 5e-4 for scenes (their weak start does not train "
+        "at 5e-5 in 5 epochs: bench/results/mitigate-scene-lr5e-5-2026-12-04.jsonl)",
     )
     parser.add_argument(
         "--freeze-bn", action="store_true", help="every method with BatchNorm frozen (mitigate --freeze-bn)"
@@ -88,15 +98,18 @@ def main(argv: list[str] | None = None) -> None:
 
     import numpy as np
 
-    from ravl_engine.controlled import SynthConfig, run_synth
     from ravl_engine.demo import DemoConfig, run_demo
     from ravl_engine.evaluate import EvaluateConfig, run_evaluate
-    from ravl_engine.finetune import FinetuneConfig, run_finetune
     from ravl_engine.mitigate import METHODS, SAMPLERS, MitigateConfig, run_mitigate
 
     model = args.model or ("ravl-tiny-rn-112" if args.family == "scene" else "ravl-tiny-rn")
+    if args.pretrain_epochs == 0:  # from scratch: the engine's defaults (1e-3) unless given
+        args.mitigate_lr = args.mitigate_lr or 1e-3
+        args.lr = args.lr or 1e-3
     if args.mitigate_lr is None:
         args.mitigate_lr = 5e-4 if args.family == "scene" else 5e-5
+    if args.lr is None:
+        args.lr = 5e-4
     methods = args.methods.split(",")
     arms = {spec: spec.partition("+")[::2] for spec in methods}  # spec -> (method, sampler or "")
     for spec, (name, sampler) in arms.items():
@@ -107,40 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp_root:
         root = Path(tmp_root)
         for seed in (int(s) for s in args.seeds.split(",")):
-            neutral = run_synth(
-                SynthConfig(
-                    out=str(root / f"neutral-{seed}"),
-                    source=args.source,
-                    cramers_v=0.0,
-                    shape=args.shape,
-                    color=args.color,
-                    n_train=args.n_pretrain,
-                    n_eval=20,
-                    layout=args.family,
-                    seed=100 + seed,
-                )
-            )
-            pretrained = run_finetune(
-                FinetuneConfig(
-                    train=neutral.train_manifest,
-                    out=str(root / f"pretrained-{seed}.pt"),
-                    model=model,
-                    epochs=args.pretrain_epochs,
-                    patience=args.pretrain_epochs,
-                    lr=args.pretrain_lr,
-                    seed=seed,
-                )
-            )
-            _emit(
-                {
-                    "bench": "mitigate-pretrain",
-                    "family": args.family,
-                    "model": model,
-                    "seed": seed,
-                    "val_zero_shot_accuracy": pretrained.best_val,
-                }
-            )
-            base = pretrained.checkpoint
+            base = _pretrain(args, model, root, seed)
             for cls in (int(c) for c in args.classes.split(",")):
                 for v in (float(x) for x in args.cramers_v.split(",")):
                     out = root / f"c{cls}-v{v}-s{seed}"
@@ -249,6 +229,43 @@ def main(argv: list[str] | None = None) -> None:
                 pairs = [(a[m], b[m]) for a, b in zip(rows[arm], rows[other], strict=True)]
                 diffs = np.array([a - b for a, b in pairs if a is not None and b is not None])
                 _emit({"bench": "mitigate-paired", "metric": m, "arm": arm, "minus": other, **_paired(diffs)})
+
+
+def _pretrain(args: argparse.Namespace, model: str, root: Path, seed: int) -> str | None:
+    """The seed's "pretrained" start: trained from scratch on a neutral set; None (random init) with 0 epochs."""
+    from ravl_engine.controlled import SynthConfig, run_synth
+    from ravl_engine.finetune import FinetuneConfig, run_finetune
+
+    line = {"bench": "mitigate-pretrain", "family": args.family, "model": model, "seed": seed}
+    if args.pretrain_epochs == 0:
+        _emit({**line, "from_scratch": True})
+        return None
+    neutral = run_synth(
+        SynthConfig(
+            out=str(root / f"neutral-{seed}"),
+            source=args.source,
+            cramers_v=0.0,
+            shape=args.shape,
+            color=args.color,
+            n_train=args.n_pretrain,
+            n_eval=20,
+            layout=args.family,
+            seed=100 + seed,
+        )
+    )
+    pretrained = run_finetune(
+        FinetuneConfig(
+            train=neutral.train_manifest,
+            out=str(root / f"pretrained-{seed}.pt"),
+            model=model,
+            epochs=args.pretrain_epochs,
+            patience=args.pretrain_epochs,
+            lr=args.pretrain_lr,
+            seed=seed,
+        )
+    )
+    _emit({**line, "val_zero_shot_accuracy": pretrained.best_val})
+    return pretrained.checkpoint
 
 
 def _emit(line: dict) -> None:
