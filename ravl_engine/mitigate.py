@@ -6,8 +6,9 @@ samplers (ravl_engine/mitigate_methods.py) and the one training loop shared with
 (ravl_engine/training.py). This module holds the options and the run.
 
 Selection (``--select``, the same rule for every method): ``pseudo-group`` (default) keeps the epoch with the best
-worst pseudo-group zero-shot accuracy on the selection half of the audit set (ravl_engine/selection.py: class x
-image listed in the chosen discovery cluster, no ground-truth feature labels); ``accuracy`` / ``worst-group`` use
+worst pseudo-group zero-shot accuracy on the selection half of the audit set, ties broken by the mean pseudo-group
+accuracy (ravl_engine/selection.py: class x image listed in the chosen discovery cluster, no ground-truth feature
+labels); ``accuracy`` / ``worst-group`` use
 the share of the fine-tuning set held out (``--val-fraction``); ``last`` keeps the last epoch.
 """
 
@@ -46,7 +47,7 @@ from ravl_engine.mitigate_methods import (  # noqa: F401 (StepBatch, GroupDRO, m
 from ravl_engine.mitigate_prep import Target, prepare, read_target
 from ravl_engine.models import LoadedModel, load_clip
 from ravl_engine.outputs import check_not_input, check_out
-from ravl_engine.selection import pseudo_group_set, worst_group_accuracy
+from ravl_engine.selection import group_accuracy, pseudo_group_set
 from ravl_engine.training import ClipWithRegions, LoopConfig, train_loop, write_checkpoint
 from ravl_engine.zeroshot import DEFAULT_TEMPLATES, TEMPERATURE, class_text_embeddings
 
@@ -85,10 +86,11 @@ class MitigateConfig:
         freeze_text: None = freeze the text tower when starting from weights (the paper), train both from scratch.
         val_fraction, patience: held-out share of the fine-tuning set and early stopping.
         select: which epoch's weights to keep. "pseudo-group" (default): the best worst pseudo-group zero-shot
-            accuracy on the selection half of the audit set (ravl_engine/selection.py; pseudo-groups from
-            discovery.json, never from feature labels). "accuracy" / "worst-group": the best zero-shot accuracy /
-            worst-group accuracy on the held-out fine-tuning images (these come from the biased distribution, so
-            they cannot see the shortcut). "last": the last epoch (the validation value is still reported).
+            accuracy on the selection half of the audit set, ties broken by the mean pseudo-group accuracy
+            (ravl_engine/selection.py; pseudo-groups from discovery.json, never from feature labels). "accuracy" /
+            "worst-group": the best zero-shot accuracy / worst-group accuracy (ties: the group mean) on the
+            held-out fine-tuning images (these come from the biased distribution, so they cannot see the shortcut).
+            "last": the last epoch (the validation value is still reported).
         keep_start: the starting weights (epoch 0) may be the kept epoch (default). False = only fine-tuned epochs
             compete: where the start was trained on the same domain without the bias (the controlled benchmarks),
             every method would otherwise keep epoch 0 and the comparison would measure the start, not the method.
@@ -261,12 +263,12 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
     val_labelled = val_idx[ts.labels[val_idx] >= 0]
 
     @torch.no_grad()
-    def validate() -> float:
+    def validate() -> float | tuple[float, float]:
         model.eval()
         text = class_text_embeddings(model, tokenizer, disc.classes, templates)  # as finetune scores
         if audit is not None:
             ok = zero_shot(model, audit.images, text, cfg.device) == audit.labels
-            return worst_group_accuracy(ok, audit.groups, audit.n_groups)
+            return group_accuracy(ok, audit.groups, audit.n_groups)
         if val_labelled.numel() == 0:
             img = model.encode_image(ts.images[val_idx].to(cfg.device))
             txt = model.encode_text(caption_tokens[val_idx].to(cfg.device))
@@ -274,12 +276,14 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
         ok = zero_shot(model, ts.images[val_labelled], text, cfg.device) == ts.labels[val_labelled]
         if cfg.select != "worst-group":
             return float(ok.float().mean())
-        return worst_group_accuracy(ok, ts.groups[val_labelled], 2 * c + 2)
+        return group_accuracy(ok, ts.groups[val_labelled], 2 * c + 2)
 
+    tiebreak = None
     if audit is not None:
-        metric = "pseudo_group_worst_accuracy"
+        metric, tiebreak = "pseudo_group_worst_accuracy", "pseudo_group_mean_accuracy"
     elif val_labelled.numel():
         metric = "worst_group_accuracy" if cfg.select == "worst-group" else "zero_shot_accuracy"
+        tiebreak = "group_mean_accuracy" if cfg.select == "worst-group" else None
     else:
         metric = "neg_clip_loss"
     out = Path(cfg.out)
@@ -310,6 +314,7 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
         freeze_bn=cfg.freeze_bn,
         seed=cfg.seed,
         metric=metric,
+        tiebreak=tiebreak,
     )
     result = train_loop(
         model,

@@ -41,9 +41,18 @@ def split_halves(rows: Sequence[ManifestRow], seed: int = 0) -> tuple[list[Manif
 
 def worst_group_accuracy(correct: Tensor, groups: Tensor, n_groups: int) -> float:
     """The lowest per-group mean of ``correct`` over the groups that have members."""
+    return group_accuracy(correct, groups, n_groups)[0]
+
+
+def group_accuracy(correct: Tensor, groups: Tensor, n_groups: int) -> tuple[float, float]:
+    """(worst, mean) of the per-group means of ``correct`` over the groups that have members: the selection key.
+
+    Epochs are compared on the worst group first and on the mean of the groups where the worst ties (from scratch
+    every epoch can have a group at 0, and the earliest would otherwise win, chance-level or not).
+    """
     count = torch.bincount(groups, minlength=n_groups)
-    per = torch.zeros(n_groups).index_add(0, groups, correct.float()) / count.clamp(min=1)
-    return float(per[count > 0].min())
+    per = (torch.zeros(n_groups).index_add(0, groups, correct.float()) / count.clamp(min=1))[count > 0]
+    return float(per.min()), float(per.mean())
 
 
 @dataclass(frozen=True)

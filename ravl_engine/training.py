@@ -141,6 +141,8 @@ class LoopConfig:
             (eval mode, no gradient), so the image path normalises as the region path and as at inference.
         seed: seeds the run's one generator; every epoch's order is drawn from it.
         metric: the name the validation value is recorded under in the history.
+        tiebreak: the name of the second validation value, for a ``validate`` that returns a pair (value, tie-break):
+            epochs are compared on the value, then on the tie-break; None = ``validate`` returns one float.
     """
 
     epochs: int
@@ -151,6 +153,7 @@ class LoopConfig:
     freeze_bn: bool = False
     seed: int = 0
     metric: str = "zero_shot_accuracy"
+    tiebreak: str | None = None
 
 
 @dataclass(frozen=True)
@@ -172,20 +175,25 @@ def train_loop(
     cfg: LoopConfig,
     *,
     sampler: Sampler = shuffle_sampler,
-    validate: Callable[[], float] | None = None,
+    validate: Callable[[], float | tuple[float, float]] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> LoopResult:
     """Train ``model`` in place; return the selected epoch's weights (a CPU copy) and the history.
 
     Without ``validate`` every epoch scores 0 and the last one is kept. Each history entry holds ``epoch``, the
-    batch means of ``loss``, ``clip`` and ``aux``, and ``cfg.metric``.
+    batch means of ``loss``, ``clip`` and ``aux``, ``cfg.metric`` and, for a pair-valued ``validate``,
+    ``cfg.tiebreak``.
     """
     world = rank_world()[1]
     keep_last = cfg.keep_last or validate is None
-    score = validate if validate is not None else (lambda: 0.0)
+
+    def score() -> tuple[float, ...]:
+        value = validate() if validate is not None else 0.0
+        return value if isinstance(value, tuple) else (value,)
+
     generator = torch.Generator().manual_seed(cfg.seed)
-    start_val = score()
-    best_val, best_epoch = (start_val, 0) if cfg.keep_start else (float("-inf"), 0)
+    start_key = score()
+    best_key, best_epoch = (start_key, 0) if cfg.keep_start else ((float("-inf"),) * len(start_key), 0)
     best_state = snapshot(model)
     history: list[dict[str, float]] = []
     stale, steps, step_time = 0, 0, 0.0
@@ -214,14 +222,16 @@ def train_loop(
             sums["aux"] += aux.item()
             batches += 1
         sync_buffers(model)  # BatchNorm statistics: rank 0's everywhere, so every rank validates the same model
-        value = score()
-        entry = {"epoch": float(epoch), **{k: v / max(1, batches) for k, v in sums.items()}, cfg.metric: value}
+        key = score()
+        entry = {"epoch": float(epoch), **{k: v / max(1, batches) for k, v in sums.items()}, cfg.metric: key[0]}
+        if cfg.tiebreak is not None and len(key) > 1:
+            entry[cfg.tiebreak] = key[1]
         history.append(entry)
         logger.info("epoch %d: %s", epoch, entry)
         if on_epoch is not None:
             on_epoch(entry)
-        if keep_last or value > best_val:
-            best_val, best_epoch, stale = value, epoch, 0
+        if keep_last or key > best_key:
+            best_key, best_epoch, stale = key, epoch, 0
             best_state = snapshot(model)
         else:
             stale += 1
@@ -231,12 +241,12 @@ def train_loop(
     model.eval()
     return LoopResult(
         best_epoch=best_epoch,
-        best_val=best_val,
+        best_val=best_key[0],
         best_state=best_state,
         history=history,
         step_seconds=step_time / max(1, steps),
         steps=steps,
-        extra={"start_val": start_val},
+        extra={"start_val": start_key[0]},
     )
 
 

@@ -20,7 +20,13 @@ from ravl_engine.kernels.roi import region_embed
 from ravl_engine.manifest import read_manifest
 from ravl_engine.mitigate import MitigateConfig, run_mitigate
 from ravl_engine.mitigate_prep import read_target
-from ravl_engine.selection import in_selection_half, pseudo_group_set, split_halves
+from ravl_engine.selection import (
+    group_accuracy,
+    in_selection_half,
+    pseudo_group_set,
+    split_halves,
+    worst_group_accuracy,
+)
 from ravl_engine.shards import read_run
 from ravl_engine.training import LoopConfig, balanced_sampler, shuffle_sampler, train_loop
 from tests.conftest import write_digit_dataset
@@ -313,6 +319,34 @@ def test_the_start_competes_only_when_asked(keep_start):
     result = train_loop(model, optimizer, torch.arange(8), loss_fn, cfg, validate=lambda: next(values))
     assert result.extra["start_val"] == 0.9
     assert (result.best_epoch, result.best_val) == ((0, 0.9) if keep_start else (2, 0.7))
+
+
+@pytest.mark.parametrize("keep_start", [True, False])
+def test_equal_worst_groups_are_decided_by_the_mean(keep_start):
+    # from scratch every epoch can have a group at 0: the earliest must not win by default
+    model = torch.nn.Linear(2, 2)
+    model.logit_scale = torch.nn.Parameter(torch.zeros(()))
+    values = iter([(0.0, 0.1), (0.0, 0.2), (0.0, 0.6), (0.0, 0.4), (0.5, 0.5)][: 4 if keep_start else 5])
+
+    def loss_fn(idx):
+        loss = model.weight.sum() * 0
+        return loss, loss, loss
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    epochs = 3 if keep_start else 4
+    cfg = LoopConfig(epochs=epochs, batch_size=4, patience=5, keep_start=keep_start, metric="w", tiebreak="m")
+    result = train_loop(model, optimizer, torch.arange(8), loss_fn, cfg, validate=lambda: next(values))
+    assert result.best_epoch == (2 if keep_start else 4)
+    assert [(h["w"], h["m"]) for h in result.history][:3] == [(0.0, 0.2), (0.0, 0.6), (0.0, 0.4)]
+    assert result.extra["start_val"] == 0.0
+
+
+def test_group_accuracy_is_the_worst_and_the_mean_of_the_groups_present():
+    correct = torch.tensor([1, 0, 1, 1, 0, 0, 1])
+    groups = torch.tensor([0, 0, 1, 1, 3, 3, 3])  # group 2 empty: not counted
+    worst, mean = group_accuracy(correct, groups, 4)
+    assert worst == pytest.approx(1 / 3) and mean == pytest.approx((1 / 2 + 1 + 1 / 3) / 3)
+    assert worst_group_accuracy(correct, groups, 4) == worst
 
 
 @pytest.mark.parametrize("freeze_bn", [False, True])
