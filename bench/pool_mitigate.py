@@ -1,0 +1,90 @@
+"""Pool bench_mitigate's raw lines from several invocations: per-method means and RaVL's paired differences.
+
+A setting (feature, class, V, seed) counts when it is valid and every method of the first line set has a line for
+it (an invocation stopped mid-setting leaves its partial lines out). Prints the same ``mitigate-summary`` and
+``mitigate-paired`` lines as the benchmark, plus a ``mitigate-pooled`` line with the counts; ``--markdown`` prints
+the README's table instead (mean ± sample standard deviation, points).
+
+    python -m bench.pool_mitigate bench/results/mitigate-paper-lr-2026-12-04.jsonl \\
+        bench/results/mitigate-quadrants-2026-12-06.jsonl --markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+import numpy as np
+
+from bench.bench_mitigate import METRICS, _emit, _paired
+
+COLUMNS = (*METRICS, "flip_rate")
+NAMES = {
+    "standard": "Standard FT",
+    "upsampled": "Upsampled FT",
+    "vl-erm": "VL-ERM",
+    "vl-gdro": "VL-GDRO",
+    "ravl": "RaVL",
+    "ravl+balanced": "RaVL + balanced sampler",
+}
+
+
+def pool(paths: list[str]) -> tuple[list[str], dict[tuple, dict[str, dict]], dict[str, int]]:
+    """(methods in first-seen order, setting -> method -> line for complete valid settings, setting counts)."""
+    lines = [json.loads(x) for p in paths for x in open(p, encoding="utf-8") if x.strip()]
+    methods: list[str] = []
+    by: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    counts = {"settings": 0, "valid": 0}
+    for line in lines:
+        key = (line.get("family"), line.get("feature", "red square"), line.get("spurious_class"))
+        key += (line.get("cramers_v"), line.get("seed"))
+        if line["bench"] == "mitigate-setting":
+            counts["settings"] += 1
+            counts["valid"] += bool(line["valid"])
+        if line["bench"] == "mitigate" and line["valid"]:
+            methods += [] if line["method"] in methods else [line["method"]]
+            by[key][line["method"]] = line
+    complete = {k: v for k, v in by.items() if all(m in v for m in methods)}
+    counts["pairs"] = len(complete)
+    return methods, complete, counts
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="+", help="raw JSON-lines files of bench_mitigate")
+    parser.add_argument("--markdown", action="store_true", help="print the README table")
+    args = parser.parse_args(argv)
+    methods, settings, counts = pool(args.files)
+    rows = {m: [settings[k][m] for k in sorted(settings, key=str)] for m in methods}
+    if args.markdown:
+        print(f"{counts['pairs']} paired settings ({counts['valid']} valid of {counts['settings']})\n")
+        print("| method | Image Overall | Image Worst-Group | Region Overall | Region Worst-Group | flip rate |")
+        print("|---|---|---|---|---|---|")
+        for m in methods:
+            cells = [np.array([100 * r[c] for r in rows[m] if r[c] is not None]) for c in COLUMNS]
+            print(f"| {NAMES.get(m, m)} | " + " | ".join(f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" for v in cells) + " |")
+        return
+    _emit({"bench": "mitigate-pooled", "files": args.files, **counts})
+    for m in methods:
+        stats = {c: float(np.mean([r[c] for r in rows[m] if r[c] is not None])) for c in COLUMNS}
+        _emit({"bench": "mitigate-summary", "method": m, "runs": len(rows[m]), **stats})
+    for arm in (m for m in methods if m.startswith("ravl")):
+        for other in (m for m in methods if not m.startswith("ravl")):
+            for c in COLUMNS:
+                diffs = np.array([a[c] - b[c] for a, b in zip(rows[arm], rows[other], strict=True)])
+                better = int((diffs < 0).sum() if c == "flip_rate" else (diffs > 0).sum())
+                _emit(
+                    {
+                        "bench": "mitigate-paired",
+                        "metric": c,
+                        "arm": arm,
+                        "minus": other,
+                        "better_in": better,
+                        **_paired(diffs),
+                    }
+                )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""bench/pool_mitigate.py: pooling raw lines of several invocations, complete valid settings only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.pool_mitigate import main, pool
+
+
+def _line(cls, seed, method, wg, valid=True, feature=None):
+    line = {"bench": "mitigate", "family": "quadrants", "spurious_class": cls, "cramers_v": 0.99, "seed": seed}
+    line |= {"method": method, "valid": valid, "image_overall": 0.9, "image_worst_group": wg}
+    line |= {"region_overall": 0.8, "region_worst_group": wg / 2, "flip_rate": 0.1}
+    return line | ({"feature": feature} if feature else {})
+
+
+def _setting(cls, seed, valid=True):
+    return {"bench": "mitigate-setting", "family": "quadrants", "spurious_class": cls, "seed": seed, "valid": valid}
+
+
+def test_pooling_keeps_complete_valid_settings_and_pairs_them(tmp_path, capsys):
+    first = [_setting(3, 0), _line(3, 0, "standard", 0.5), _line(3, 0, "ravl", 0.7)]
+    first += [_setting(5, 0, valid=False), _line(5, 0, "standard", 0.1, valid=False)]
+    second = [_setting(3, 1), _line(3, 1, "standard", 0.6), _line(3, 1, "ravl", 0.9)]
+    second += [_setting(8, 1), _line(8, 1, "standard", 0.2)]  # stopped before ravl: left out
+    # the same class and seed with another feature is another setting
+    second += [_setting(3, 0), _line(3, 0, "standard", 0.4, feature="blue disk")]
+    second += [_line(3, 0, "ravl", 0.4, feature="blue disk")]
+    paths = []
+    for name, lines in (("a", first), ("b", second)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+        paths.append(str(path))
+    methods, settings, counts = pool(paths)
+    assert methods == ["standard", "ravl"]
+    assert counts == {"settings": 5, "valid": 4, "pairs": 3}
+    main(paths)
+    out = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    summary = {x["method"]: x for x in out if x["bench"] == "mitigate-summary"}
+    assert summary["ravl"]["image_worst_group"] == pytest.approx((0.7 + 0.9 + 0.4) / 3)
+    paired = next(x for x in out if x["bench"] == "mitigate-paired" and x["metric"] == "image_worst_group")
+    assert paired["n"] == 3 and paired["mean"] == pytest.approx((0.2 + 0.3 + 0.0) / 3)
+    assert paired["better_in"] == 2 and paired["ci95"][0] < paired["mean"] < paired["ci95"][1]
+    main([*paths, "--markdown"])
+    table = capsys.readouterr().out
+    assert "3 paired settings (4 valid of 5)" in table and "| RaVL | 90.0 ± 0.0 | 66.7 ± 25.2 |" in table
