@@ -105,21 +105,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    import numpy as np
-
     from ravl_engine.demo import DemoConfig, run_demo
     from ravl_engine.evaluate import EvaluateConfig, run_evaluate
     from ravl_engine.mitigate import METHODS, SAMPLERS, MitigateConfig, run_mitigate
 
     model = args.model or ("ravl-tiny-rn-112" if args.family == "scene" else "ravl-tiny-rn")
-    if args.pretrain_epochs == 0:  # from scratch: the engine's defaults (1e-3) unless given
-        args.lr = args.lr or 1e-3
-        if args.start == "pretrained":
-            args.mitigate_lr = args.mitigate_lr or 1e-3
-    if args.mitigate_lr is None:
-        args.mitigate_lr = 5e-4 if args.family == "scene" else 5e-5
+    scratch = args.pretrain_epochs == 0  # from scratch: the engine's default lr there (1e-3) unless given
     if args.lr is None:
-        args.lr = 5e-4
+        args.lr = 1e-3 if scratch else 5e-4
+    if args.mitigate_lr is None:
+        from_random_init = scratch and args.start == "pretrained"
+        args.mitigate_lr = 1e-3 if from_random_init else 5e-4 if args.family == "scene" else 5e-5
     methods = args.methods.split(",")
     arms = {spec: spec.partition("+")[::2] for spec in methods}  # spec -> (method, sampler or "")
     for spec, (name, sampler) in arms.items():
@@ -231,15 +227,28 @@ def main(argv: list[str] | None = None) -> None:
                             rows[method].append(line)
                         _emit(line)
     _emit({"bench": "mitigate-settings", **settings})
-    for method in methods:
-        stats = {m: _mean([r[m] for r in rows[method]]) for m in (*METRICS, "flip_rate")}
-        _emit({"bench": "mitigate-summary", "method": method, "runs": len(rows[method]), **stats})
-    for arm in (m for m in methods if arms[m][0] == "ravl"):
-        for other in (m for m in methods if arms[m][0] != "ravl"):
+    emit_summaries(rows, [m for m in methods if arms[m][0] == "ravl"])
+
+
+def emit_summaries(rows: dict[str, list[dict]], ravl_arms: list[str]) -> None:
+    """Per method the mean of every metric; per RaVL arm and other method the paired differences.
+
+    ``rows`` maps each method to its lines in one setting order (pairs = the same position); None values (a metric
+    a run did not produce) are left out of the means and their pairs.
+    """
+    import numpy as np
+
+    for method, lines in rows.items():
+        stats = {m: _mean([r[m] for r in lines]) for m in (*METRICS, "flip_rate")}
+        _emit({"bench": "mitigate-summary", "method": method, "runs": len(lines), **stats})
+    for arm in ravl_arms:
+        for other in (m for m in rows if m not in ravl_arms):
             for m in (*METRICS, "flip_rate"):
                 pairs = [(a[m], b[m]) for a, b in zip(rows[arm], rows[other], strict=True)]
                 diffs = np.array([a - b for a, b in pairs if a is not None and b is not None])
-                _emit({"bench": "mitigate-paired", "metric": m, "arm": arm, "minus": other, **_paired(diffs)})
+                better = int((diffs < 0).sum() if m == "flip_rate" else (diffs > 0).sum())
+                line = {"bench": "mitigate-paired", "metric": m, "arm": arm, "minus": other, "better_in": better}
+                _emit({**line, **_paired(diffs)})
 
 
 def _pretrain(args: argparse.Namespace, model: str, root: Path, seed: int) -> str | None:

@@ -17,7 +17,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from bench.bench_mitigate import METRICS, _emit, _paired
+from bench.bench_mitigate import METRICS, _emit, emit_summaries
 
 COLUMNS = (*METRICS, "flip_rate")
 NAMES = {
@@ -66,24 +66,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {NAMES.get(m, m)} | " + " | ".join(f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" for v in cells) + " |")
         return
     _emit({"bench": "mitigate-pooled", "files": args.files, **counts})
-    for m in methods:
-        stats = {c: float(np.mean([r[c] for r in rows[m] if r[c] is not None])) for c in COLUMNS}
-        _emit({"bench": "mitigate-summary", "method": m, "runs": len(rows[m]), **stats})
-    for arm in (m for m in methods if m.startswith("ravl")):
-        for other in (m for m in methods if not m.startswith("ravl")):
-            for c in COLUMNS:
-                diffs = np.array([a[c] - b[c] for a, b in zip(rows[arm], rows[other], strict=True)])
-                better = int((diffs < 0).sum() if c == "flip_rate" else (diffs > 0).sum())
-                _emit(
-                    {
-                        "bench": "mitigate-paired",
-                        "metric": c,
-                        "arm": arm,
-                        "minus": other,
-                        "better_in": better,
-                        **_paired(diffs),
-                    }
-                )
+    emit_summaries(rows, [m for m in methods if m.partition("+")[0] == "ravl"])
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ samplers (ravl_engine/mitigate_methods.py) and the one training loop shared with
 Selection (``--select``, the same rule for every method): ``pseudo-group`` (default) keeps the epoch with the best
 worst pseudo-group zero-shot accuracy on the selection half of the audit set, ties broken by the mean pseudo-group
 accuracy (ravl_engine/selection.py: class x image listed in the chosen discovery cluster, no ground-truth feature
-labels); ``accuracy`` / ``worst-group`` use
-the share of the fine-tuning set held out (``--val-fraction``); ``last`` keeps the last epoch.
+labels); ``accuracy`` / ``worst-group`` use the share of the fine-tuning set held out (``--val-fraction``); ``last``
+keeps the last epoch.
 """
 
 from __future__ import annotations
