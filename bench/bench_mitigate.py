@@ -13,11 +13,13 @@ the image id); every checkpoint is evaluated on the audit set's disjoint *test h
 seed, method); then, per method, the mean of each metric, and the mean and 95% t-interval of RaVL's paired
 difference to every baseline (pairs = the same setting and seed).
 
-A method may name its sampler: ``ravl+balanced`` is RaVL's loss with the baselines' group-balanced sampler over the
-discovered groups (``mitigate --sampler balanced``); every RaVL arm is compared, paired, with every other method.
+A method may name its sampler and RaVL its image term: ``ravl+balanced`` is RaVL's loss with the baselines'
+group-balanced sampler over the discovered groups (``mitigate --sampler balanced``), ``ravl+masked`` RaVL with the
+feature-masked image term (``mitigate --image-term masked``); every RaVL arm is compared, paired, with every other
+method.
 
     python -m bench.bench_mitigate                                      # classes 3,5,8 x V 0.99 x seeds 0,1,2
-    python -m bench.bench_mitigate --classes 3 --seeds 0 --methods standard,ravl,ravl+balanced
+    python -m bench.bench_mitigate --classes 3 --seeds 0 --methods standard,ravl,ravl+balanced,ravl+masked
     python -m bench.bench_mitigate --shape disk --color blue --classes 2,6,9 --seeds 5,6    # another feature
     python -m bench.bench_mitigate --pretrain-epochs 0 --start audited --keep-start     # a user's defaults: the
         # audited model trained from scratch (finetune's defaults), every method from it (mitigate's defaults)
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from ravl_engine.demo import DemoConfig, run_demo
     from ravl_engine.evaluate import EvaluateConfig, run_evaluate
-    from ravl_engine.mitigate import METHODS, SAMPLERS, MitigateConfig, run_mitigate
+    from ravl_engine.mitigate import IMAGE_TERMS, METHODS, SAMPLERS, MitigateConfig, run_mitigate
 
     model = args.model or ("ravl-tiny-rn-112" if args.family == "scene" else "ravl-tiny-rn")
     scratch = args.pretrain_epochs == 0  # from scratch: the engine's default lr there (1e-3) unless given
@@ -117,10 +119,22 @@ def main(argv: list[str] | None = None) -> None:
         from_random_init = scratch and args.start == "pretrained"
         args.mitigate_lr = 1e-3 if from_random_init else 5e-4 if args.family == "scene" else 5e-5
     methods = args.methods.split(",")
-    arms = {spec: spec.partition("+")[::2] for spec in methods}  # spec -> (method, sampler or "")
-    for spec, (name, sampler) in arms.items():
-        if name not in METHODS or (sampler and sampler not in SAMPLERS):
-            parser.error(f"--methods: {spec!r} is not METHOD[+SAMPLER] ({', '.join(METHODS)}; {', '.join(SAMPLERS)})")
+    arms: dict[str, tuple[str, str, str]] = {}  # spec -> (method, sampler, image term)
+    for spec in methods:
+        name, *parts = spec.split("+")
+        sampler = next((p for p in parts if p in SAMPLERS), "method")
+        term = next((p for p in parts if p in IMAGE_TERMS), "none")
+        if (
+            name not in METHODS
+            or any(p not in (*SAMPLERS, *IMAGE_TERMS) for p in parts)
+            or len(parts) > 2
+            or (term != "none" and name != "ravl")
+        ):
+            parser.error(
+                f"--methods: {spec!r} is not METHOD[+SAMPLER][+IMAGE_TERM] ({', '.join(METHODS)}; "
+                f"{', '.join(SAMPLERS)}; {', '.join(IMAGE_TERMS)}, ravl only)"
+            )
+        arms[spec] = (name, sampler, term)
     rows: dict[str, list[dict]] = {m: [] for m in methods}
     settings = {"valid": 0, "invalid": 0}
     with tempfile.TemporaryDirectory() as tmp_root:
@@ -168,14 +182,15 @@ def main(argv: list[str] | None = None) -> None:
                     test_half = _test_half(data / "eval.csv", args.split_seed)
                     for method in methods:
                         t0 = time.perf_counter()
-                        name, sampler = arms[method]
+                        name, sampler, term = arms[method]
                         result = run_mitigate(
                             MitigateConfig(
                                 train=str(data / "train.csv"),
                                 discovery=audit["paths"]["discovery"],
                                 out=str(out / f"{method}.pt"),
                                 method=name,
-                                sampler=sampler or "method",
+                                sampler=sampler,
+                                image_term=term,
                                 pretrained=audit["paths"]["checkpoint"] if args.start == "audited" else base,
                                 lr=args.mitigate_lr,
                                 freeze_bn=args.freeze_bn,
@@ -207,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
                             **setting,
                             "method": method,
                             "sampler": result.sampler,
+                            "image_term": result.image_term,
                             "valid": valid,
                             "select": args.select,
                             **{m: ev.get(m) for m in (*METRICS, "gap_spurious", "gap_other")},

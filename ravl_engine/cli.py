@@ -629,7 +629,7 @@ def finetune_cmd(progress: bool, **opts: Any) -> None:
 
 
 def _mitigate_options() -> list[click.Parameter]:
-    from ravl_engine.mitigate import METHODS, SAMPLERS, SELECT  # noqa: PLC0415
+    from ravl_engine.mitigate import IMAGE_TERMS, METHODS, SAMPLERS, SELECT  # noqa: PLC0415
     from ravl_engine.mitigate import MitigateConfig as M  # noqa: PLC0415
 
     return [
@@ -652,6 +652,13 @@ def _mitigate_options() -> list[click.Parameter]:
         field_option(M, "work_dir", type=click.Path(file_okay=False), help="Run dir for the training regions."),
         field_option(M, "proposer", help="Override the audit's proposer for the fine-tuning images."),
         field_option(M, "clip_weight", help="lambda: the CLIP loss's share."),
+        field_option(
+            M,
+            "image_term",
+            type=click.Choice(IMAGE_TERMS),
+            help="ravl only: 'masked' adds a term on feature-masked image copies that reaches the image embedding "
+            "(an extension of the paper's loss; README).",
+        ),
         field_option(M, "temperature", help="tau of the region and zero-shot terms."),
         field_option(M, "reduction", type=click.Choice(["mean", "sum"])),
         field_option(

@@ -32,6 +32,7 @@ from ravl_engine.images import check_resize
 from ravl_engine.kernels.loss import clip_loss
 from ravl_engine.mitigate_methods import (  # noqa: F401 (StepBatch, GroupDRO, mitigation_loss: re-exported)
     BALANCED,
+    IMAGE_TERMS,
     METHODS,
     SAMPLERS,
     WITH_CLASSES,
@@ -76,6 +77,12 @@ class MitigateConfig:
         work_dir: run directory for the fine-tuning regions (default ``OUT.regions``); resumed, shared by methods.
         proposer: override the audit's proposer (e.g. when the audit used manifest boxes).
         clip_weight: lambda, the CLIP loss's share (0.8).
+        image_term: "none" (default, the paper's RaVL) or "masked" (``ravl`` only; an extension): L_M joins the
+            region terms. Each labelled image with a spurious region is copied with those regions set to the mean
+            colour; the copy must be classified as the caption's class, and the full image as the copy is (its
+            class distribution, detached, is the target), so the image embedding learns to ignore the feature.
+            The region terms alone train the region embeddings; this term reaches the image path (README,
+            "Mitigation on controlled MNIST settings").
         temperature: tau of the region and zero-shot terms (0.07).
         reduction: "mean" over images (default) or "sum" (the paper's formula as written). At batch 128 the sum
             weighs the region terms about 100x against L_CL; measured on the controlled MNIST setting (README), it
@@ -119,6 +126,7 @@ class MitigateConfig:
     work_dir: str | None = None
     proposer: str | None = None
     clip_weight: float = 0.8
+    image_term: str = "none"
     temperature: float = TEMPERATURE
     reduction: str = "mean"
     distinct_labels: bool = True
@@ -148,6 +156,10 @@ class MitigateConfig:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.image_term not in IMAGE_TERMS:
+            raise ConfigError(f"--image-term must be one of {', '.join(IMAGE_TERMS)}, got {self.image_term!r}")
+        if self.image_term != "none" and self.method != "ravl":
+            raise ConfigError(f"--image-term {self.image_term} is a term of --method ravl, not {self.method!r}")
         if not 0 <= self.clip_weight <= 1:
             raise ConfigError(f"--clip-weight must be in [0, 1], got {self.clip_weight}")
         if not self.temperature > 0:
@@ -197,6 +209,7 @@ class MitigateResult:
     n_select: int = 0  # images the selection rule scores (audit selection half, or the held-out share)
     region_mode: str = "roi"  # how the training step embedded the regions (the audit's mode)
     sampler: str = "shuffle"  # the sampler the loop drew batches with: "balanced" or "shuffle"
+    image_term: str = "none"  # ravl's image-level term ("masked": feature-masked copies)
     start_val: float = float("nan")  # the selection value of the starting weights (epoch 0)
 
     def to_dict(self) -> dict[str, Any]:
@@ -359,5 +372,6 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
         n_select=int(audit.labels.numel()) if audit is not None else int(val_labelled.numel()),
         region_mode=ts.region_mode,
         sampler=resolved_sampler(cfg.method, cfg.sampler),
+        image_term=cfg.image_term,
         start_val=float(result.extra["start_val"]),
     )

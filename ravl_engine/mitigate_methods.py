@@ -1,6 +1,8 @@
 """Mitigation's training methods: the loss and the sampler of each (the loop is ravl_engine/training.py).
 
-- ``ravl``: lambda L_CL + (1 - lambda) (L_R + L_A), regions embedded in the audit's region mode;
+- ``ravl``: lambda L_CL + (1 - lambda) (L_R + L_A), regions embedded in the audit's region mode; with
+  ``image_term="masked"`` (an extension, not the paper's) plus L_M, the feature-masked image term
+  (:func:`ravl_engine.kernels.loss.masked_image_loss`), which reaches the image embedding itself;
 - ``standard``: L_CL;
 - ``upsampled``: L_CL with a group-balanced sampler;
 - ``vl-erm``: lambda L_CL + (1 - lambda) cross-entropy of the zero-shot logits, group-balanced sampler;
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ravl_engine.distributed import gather, gather_with_grad, is_distributed
-from ravl_engine.kernels.loss import clip_loss, pad_regions, region_aware_loss
+from ravl_engine.kernels.loss import clip_loss, mask_boxes, masked_image_loss, pad_regions, region_aware_loss
 from ravl_engine.mitigate_prep import TrainSet
 from ravl_engine.training import (  # noqa: F401 (zero_shot: re-exported)
     ClipWithRegions,
@@ -39,6 +41,7 @@ METHODS = ("ravl", "standard", "upsampled", "vl-erm", "vl-gdro")
 BALANCED = ("upsampled", "vl-erm", "vl-gdro")
 SAMPLERS = ("method", "balanced", "shuffle")  # "method": balanced for the BALANCED methods, else shuffle
 WITH_CLASSES = ("ravl", "vl-erm", "vl-gdro")
+IMAGE_TERMS = ("none", "masked")  # ravl's optional image-level term (see masked_copies)
 
 
 def class_embeddings(model: Any, tokens: Tensor, n_classes: int) -> Tensor:
@@ -71,6 +74,27 @@ def batch_boxes(ts: TrainSet, idx: Tensor) -> tuple[list[Tensor], Tensor]:
     boxes = [ts.boxes[a:b] for a, b in zip(starts, stops, strict=True)]
     flags = torch.cat([ts.spurious[a:b] for a, b in zip(starts, stops, strict=True)])
     return boxes, flags
+
+
+def masked_copies(images: Tensor, boxes: list[Tensor], spurious: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The feature-masked copies of a batch's labelled images that carry a spurious region.
+
+    Every pixel inside one of the image's spurious boxes is set to 0, the normalisation mean colour.
+
+    Returns:
+        (which [A] int64 batch positions, copies [A, 3, S, S]).
+    """
+    counts = torch.tensor([b.shape[0] for b in boxes], device=images.device, dtype=torch.long)
+    owner = torch.repeat_interleave(torch.arange(len(boxes), device=images.device), counts)
+    spurious = spurious.to(images.device)
+    has = torch.zeros(len(boxes), dtype=torch.bool, device=images.device)
+    has[owner[spurious]] = True
+    which = torch.nonzero(has & (labels >= 0))[:, 0]
+    slot = torch.full((len(boxes),), -1, dtype=torch.long, device=images.device)
+    slot[which] = torch.arange(which.numel(), device=images.device)
+    flat = torch.cat(boxes).to(images.device) if boxes else images.new_zeros(0, 4)
+    keep = spurious & (slot[owner] >= 0)
+    return which, mask_boxes(images[which], flat[keep], slot[owner[keep]])
 
 
 @dataclass(frozen=True)
@@ -115,7 +139,9 @@ def mitigation_loss(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The training loss of ``cfg.method`` for one batch: (total, L_CL, auxiliary term).
 
-    ``ravl`` embeds the image and all its regions in one backbone pass and adds L_R + L_A; ``vl-erm`` / ``vl-gdro``
+    ``ravl`` embeds the image and all its regions in one backbone pass and adds L_R + L_A (and, with
+    ``cfg.image_term == "masked"``, L_M on this rank's images: their feature-masked copies join the same image pass,
+    so a ResNet's batch statistics include them); ``vl-erm`` / ``vl-gdro``
     add the (group-robust) cross-entropy of the zero-shot logits of the images whose caption names a class.
     ``class_emb`` [C, D] (unit rows) is needed by those three methods.
 
@@ -129,7 +155,15 @@ def mitigation_loss(
         raise ValueError("method 'ravl' needs boxes and spurious flags")
     if cfg.method in WITH_CLASSES and class_emb is None:
         raise ValueError(f"method {cfg.method!r} needs class embeddings")
-    image_emb, region_emb, text_emb = towers(batch.images, batch.tokens, batch.boxes if cfg.method == "ravl" else None)
+    images, boxes, which = batch.images, batch.boxes if cfg.method == "ravl" else None, None
+    if boxes is not None and batch.spurious is not None and cfg.image_term == "masked":
+        which, copies = masked_copies(batch.images, boxes, batch.spurious, batch.labels)
+        images = torch.cat([images, copies])
+        boxes = [*boxes, *(boxes[0].new_zeros(0, 4) for _ in range(copies.shape[0]))]
+    image_emb, region_emb, text_emb = towers(images, batch.tokens, boxes)
+    n = batch.images.shape[0]
+    image_emb, copy_emb = image_emb[:n], image_emb[n:]
+    local_emb = image_emb  # this rank's rows, before the gather below
     labels, groups = gather(batch.labels), gather(batch.groups)
     image_emb = gather_with_grad(image_emb)
     loss_cl = clip_loss(image_emb, gather_with_grad(text_emb), model.logit_scale.exp())
@@ -159,6 +193,13 @@ def mitigation_loss(
             distinct_labels=cfg.distinct_labels,
         )
         aux = l_r + l_a
+        if which is not None:
+            assert class_emb is not None
+
+            def class_logits(emb: Tensor) -> Tensor:
+                return F.normalize(emb.float(), dim=-1) @ class_emb.T / cfg.temperature
+
+            aux = aux + masked_image_loss(class_logits(local_emb[which]), class_logits(copy_emb), batch.labels[which])
     else:
         has = labels >= 0
         if bool(has.any()):

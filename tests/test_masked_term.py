@@ -1,0 +1,134 @@
+"""RaVL's optional feature-masked image term: the masking kernel, the batch's copies, the loss, the method."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from ravl_engine import ConfigError
+from ravl_engine.cli import main
+from ravl_engine.kernels.loss import mask_boxes, masked_image_loss
+from ravl_engine.mitigate import MitigateConfig, StepBatch, mitigation_loss, run_mitigate
+from ravl_engine.mitigate_methods import class_embeddings, masked_copies
+from ravl_engine.models import load_clip
+from tests.test_mitigate import _cfg, setting  # noqa: F401 (the module fixture)
+
+
+def _mask_oracle(images, boxes, owner, fill):
+    out = images.clone()
+    for (x1, y1, x2, y2), o in zip(boxes.tolist(), owner.tolist(), strict=True):
+        for i in range(images.shape[2]):
+            for j in range(images.shape[3]):
+                if y1 <= i + 0.5 <= y2 and x1 <= j + 0.5 <= x2:
+                    out[o, :, i, j] = fill
+    return out
+
+
+def test_mask_boxes_sets_the_pixels_whose_centre_is_inside_and_nothing_else():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 2, 9, 11, generator=g)
+    before = images.clone()
+    boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0], [2.3, 5.6, 7.5, 9.0], [10.2, 0.0, 30.0, 2.0], [3.0, 3.0, 3.2, 3.2]])
+    owner = torch.tensor([0, 0, 2, 1])  # box 3 holds no pixel centre
+    got = mask_boxes(images, boxes, owner, fill=-7.0)
+    assert torch.equal(got, _mask_oracle(images, boxes, owner, -7.0))
+    assert torch.equal(images, before)  # a copy
+    assert torch.equal(got[1], images[1])
+    assert int((got[0, 0] == -7.0).sum()) == 16 + 6 * 3  # 4x4 corner; x centres 2.5..7.5, y centres 6.5..8.5
+    assert torch.equal(mask_boxes(images, boxes[:0], owner[:0]), images)
+
+
+def test_masked_copies_are_the_labelled_images_with_a_spurious_region_masked_there_only():
+    images = torch.ones(4, 3, 8, 8)
+    quads = torch.tensor([[0.0, 0, 4, 4], [4, 0, 8, 4], [0, 4, 4, 8], [4, 4, 8, 8]])
+    boxes = [quads[:2], quads, quads[:3], quads]
+    spurious = torch.zeros(13, dtype=torch.bool)
+    spurious[[1, 7, 10]] = True  # box 1 of images 0, 2 and 3 (offsets 0, 2, 6, 9)
+    labels = torch.tensor([2, 0, 1, -1])  # image 3 names no class
+    which, copies = masked_copies(images, boxes, spurious, labels)
+    assert which.tolist() == [0, 2]
+    want = torch.ones(2, 3, 8, 8)
+    want[:, :, 0:4, 4:8] = 0.0  # the top-right quadrant of both
+    assert torch.equal(copies, want)
+
+
+def test_masked_image_loss_matches_a_float64_oracle_and_is_zero_without_copies():
+    g = torch.Generator().manual_seed(1)
+    full, masked = (
+        torch.randn(5, 4, generator=g, dtype=torch.float64),
+        torch.randn(5, 4, generator=g, dtype=torch.float64),
+    )
+    labels = torch.tensor([0, 3, 1, 1, 2])
+    want = 0.0
+    for i in range(5):
+        p_m = torch.exp(masked[i]) / torch.exp(masked[i]).sum()
+        want += -torch.log(p_m[labels[i]]) / 5
+        want += -(p_m * torch.log(torch.exp(full[i]) / torch.exp(full[i]).sum())).sum() / 5
+    full.requires_grad_(True)
+    masked.requires_grad_(True)
+    got = masked_image_loss(full, masked, labels)
+    assert float(got.detach()) == pytest.approx(float(want), rel=1e-12)
+    got.backward()
+    # the masked copies' distribution is the full image's target, not pulled toward it: their gradient is the CE's
+    assert torch.allclose(masked.grad, (F.softmax(masked, 1) - F.one_hot(labels, 4)).detach() / 5)
+    empty = masked_image_loss(full[:0], masked[:0], labels[:0])
+    assert float(empty.detach()) == 0.0 and empty.requires_grad
+
+
+def test_the_step_adds_the_masked_term_to_ravls_region_terms():
+    torch.manual_seed(0)
+    loaded = load_clip("ravl-tiny-rn", init_seed=0)
+    model = loaded.model
+    quads = torch.tensor([[0.0, 0, 32, 32], [32, 0, 64, 32], [0, 32, 32, 64], [32, 32, 64, 64]])
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    spurious = torch.zeros(6, 4, dtype=torch.bool)
+    spurious[[0, 3], 1] = True
+    batch = StepBatch(
+        images=torch.randn(6, 3, 64, 64),
+        tokens=loaded.tokenizer([f"the digit {int(y)}" for y in labels]),
+        labels=labels,
+        groups=2 * labels + spurious.any(1).long(),
+        boxes=[quads] * 6,
+        spurious=spurious.flatten(),
+    )
+    with torch.no_grad():
+        class_emb = class_embeddings(model, loaded.tokenizer([str(c) for c in range(3)]), 3)
+    base = MitigateConfig(train="-", discovery="-", out="-", method="ravl")
+    masked = MitigateConfig(train="-", discovery="-", out="-", method="ravl", image_term="masked")
+    model.eval()  # fixed statistics: the extra copies in the pass change nothing else
+    with torch.no_grad():
+        _, clip0, aux0 = mitigation_loss(model, batch, class_emb, base)
+        total, clip1, aux1 = mitigation_loss(model, batch, class_emb, masked)
+        image_emb = model.encode_image(batch.images[[0, 3]])
+        copies = batch.images[[0, 3]].clone()
+        copies[:, :, 0:32, 32:64] = 0.0
+        copy_emb = model.encode_image(copies)
+
+        def logits(e):
+            return F.normalize(e, dim=-1) @ class_emb.T / masked.temperature
+
+        want = masked_image_loss(logits(image_emb), logits(copy_emb), labels[[0, 3]])
+    assert float(clip1) == pytest.approx(float(clip0), rel=1e-5)
+    assert float(aux1 - aux0) == pytest.approx(float(want), rel=1e-4, abs=1e-5)
+    assert float(total) == pytest.approx(float(0.8 * clip1 + 0.2 * aux1), rel=1e-6)
+
+
+def test_mitigate_with_the_masked_term_trains_and_reports_it(setting, tmp_path):  # noqa: F811
+    result = run_mitigate(_cfg(setting, tmp_path, image_term="masked"))
+    assert result.image_term == "masked" and result.method == "ravl" and result.history[0]["aux"] > 0
+    with pytest.raises(ConfigError, match="--image-term masked is a term of --method ravl"):
+        _cfg(setting, tmp_path, method="upsampled", image_term="masked")
+    with pytest.raises(ConfigError, match="--image-term must be one of"):
+        _cfg(setting, tmp_path, image_term="blur")
+    root, train_set, discovery = setting
+    args = ["mitigate", "--train", str(train_set), "--discovery", str(discovery), "--epochs", "1", "--batch-size", "16"]
+    res = CliRunner().invoke(
+        main,
+        [*args, "--out", str(tmp_path / "cli.pt"), "--work-dir", str(root / "train-regions"), "--image-term", "masked"],
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["image_term"] == "masked"
