@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def emit_summaries(rows: dict[str, list[dict]], ravl_arms: list[str]) -> None:
-    """Per method the mean of every metric; per RaVL arm and other method the paired differences.
+    """Per method the mean of every metric; the paired differences of each RaVL arm to every baseline and to every
+    RaVL arm listed before it (``ravl+masked`` minus ``ravl``).
 
     ``rows`` maps each method to its lines in one setting order (pairs = the same position); None values (a metric
     a run did not produce) are left out of the means and their pairs.
@@ -257,8 +258,8 @@ def emit_summaries(rows: dict[str, list[dict]], ravl_arms: list[str]) -> None:
     for method, lines in rows.items():
         stats = {m: _mean([r[m] for r in lines]) for m in (*METRICS, "flip_rate")}
         _emit({"bench": "mitigate-summary", "method": method, "runs": len(lines), **stats})
-    for arm in ravl_arms:
-        for other in (m for m in rows if m not in ravl_arms):
+    for i, arm in enumerate(ravl_arms):  # each RaVL arm minus every baseline and every earlier RaVL arm
+        for other in [*(m for m in rows if m not in ravl_arms), *ravl_arms[:i]]:
             for m in (*METRICS, "flip_rate"):
                 pairs = [(a[m], b[m]) for a, b in zip(rows[arm], rows[other], strict=True)]
                 diffs = np.array([a - b for a, b in pairs if a is not None and b is not None])

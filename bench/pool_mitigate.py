@@ -27,6 +27,7 @@ NAMES = {
     "vl-gdro": "VL-GDRO",
     "ravl": "RaVL",
     "ravl+balanced": "RaVL + balanced sampler",
+    "ravl+masked": "RaVL + masked image term",
 }
 
 

@@ -46,3 +46,21 @@ def test_pooling_keeps_complete_valid_settings_and_pairs_them(tmp_path, capsys):
     main([*paths, "--markdown"])
     table = capsys.readouterr().out
     assert "3 paired settings (4 valid of 5)" in table and "| RaVL | 90.0 ± 0.0 | 66.7 ± 25.2 |" in table
+
+
+def test_a_second_ravl_arm_is_paired_with_the_baselines_and_the_first(tmp_path, capsys):
+    lines = []
+    for seed, (std, ravl, masked) in enumerate(((0.5, 0.6, 0.9), (0.4, 0.6, 0.7))):
+        lines += [_setting(3, seed), _line(3, seed, "standard", std), _line(3, seed, "ravl", ravl)]
+        lines += [_line(3, seed, "ravl+masked", masked)]
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    main([str(path)])
+    out = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    paired = {
+        (x["arm"], x["minus"]): x for x in out if x["bench"] == "mitigate-paired" and x["metric"] == "image_worst_group"
+    }
+    assert set(paired) == {("ravl", "standard"), ("ravl+masked", "standard"), ("ravl+masked", "ravl")}
+    assert paired["ravl+masked", "ravl"]["mean"] == pytest.approx(0.2) and paired["ravl+masked", "ravl"]["n"] == 2
+    main([str(path), "--markdown"])
+    assert "| RaVL + masked image term | 90.0 ± 0.0 | 80.0 ± 14.1 |" in capsys.readouterr().out
