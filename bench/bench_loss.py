@@ -4,9 +4,10 @@ A step = forward, loss, backward and AdamW update, on synthetic inputs: random i
 random captions, quadrant boxes (4 regions per image), a quarter of the images with one spurious region, ten
 classes with four prompt templates each (text tower frozen, as in the paper, so the class embeddings are computed
 once). Modes alternate inside each repeat so that drift of the machine hits both alike. One JSON line per (model,
-step); every line carries its overhead over the ``standard`` line; ``ravl-masked`` is RaVL with ``--image-term
-masked`` (the quarter of the images with a spurious region pass the image tower a second time, masked). A ``kernel`` line times the region-aware
-loss alone (forward + backward) against the CLIP loss on embeddings.
+step); every line carries its overhead over the ``standard`` line; ``ravl-masked`` / ``ravl-counterfactual`` are
+RaVL with ``--image-term masked`` / ``counterfactual`` (the quarter of the images with a spurious region pass the
+image tower once / twice more, as copies). A ``kernel`` line times the region-aware loss alone (forward +
+backward) against the CLIP loss on embeddings.
 
     python -m bench.bench_loss                                   # tiny ResNet and ViT, batch 128
     python -m bench.bench_loss --models RN50 --batch-size 32 --repeats 3
@@ -117,8 +118,9 @@ def main(argv: list[str] | None = None) -> None:
             cfg = MitigateConfig(train="-", discovery="-", out="-", method=method)
 
             steps[method] = functools.partial(_train_step, model, batch, class_emb, cfg, optimizer)
-        cfg = MitigateConfig(train="-", discovery="-", out="-", method="ravl", image_term="masked")
-        steps["ravl-masked"] = functools.partial(_train_step, model, batch, class_emb, cfg, optimizer)
+        for term in ("masked", "counterfactual"):
+            cfg = MitigateConfig(train="-", discovery="-", out="-", method="ravl", image_term=term)
+            steps[f"ravl-{term}"] = functools.partial(_train_step, model, batch, class_emb, cfg, optimizer)
         if args.torchvision_roialign:
             cfg = MitigateConfig(train="-", discovery="-", out="-", method="ravl")
             step = functools.partial(_train_step, model, batch, class_emb, cfg, optimizer)

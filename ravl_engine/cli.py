@@ -656,8 +656,9 @@ def _mitigate_options() -> list[click.Parameter]:
             M,
             "image_term",
             type=click.Choice(IMAGE_TERMS),
-            help="ravl only: 'masked' adds a term on feature-masked image copies that reaches the image embedding "
-            "(an extension of the paper's loss; README).",
+            help="ravl only: a term on image pairs with and without the discovered feature (masked copies; "
+            "'counterfactual' also pastes it into other classes' images) that reaches the image embedding (an "
+            "extension of the paper's loss; README).",
         ),
         field_option(M, "temperature", help="tau of the region and zero-shot terms."),
         field_option(M, "reduction", type=click.Choice(["mean", "sum"])),

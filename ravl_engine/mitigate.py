@@ -77,12 +77,14 @@ class MitigateConfig:
         work_dir: run directory for the fine-tuning regions (default ``OUT.regions``); resumed, shared by methods.
         proposer: override the audit's proposer (e.g. when the audit used manifest boxes).
         clip_weight: lambda, the CLIP loss's share (0.8).
-        image_term: "none" (default, the paper's RaVL) or "masked" (``ravl`` only; an extension): L_M joins the
-            region terms. Each labelled image with a spurious region is copied with those regions set to the mean
-            colour; the copy must be classified as the caption's class, and the full image as the copy is (its
-            class distribution, detached, is the target), so the image embedding learns to ignore the feature.
-            The region terms alone train the region embeddings; this term reaches the image path (README,
-            "Mitigation on controlled MNIST settings").
+        image_term: "none" (default, the paper's RaVL), "masked" or "counterfactual" (``ravl`` only; an extension):
+            L_M joins the region terms, over pairs of an image with and without the discovered feature
+            (:func:`ravl_engine.mitigate_methods.counterfactual_pairs`): "masked" pairs each labelled image that has
+            a spurious region with its copy where those regions are set to the mean colour; "counterfactual" adds
+            an image of another class with those pixels pasted in, paired with that image. The feature-free image
+            must be classified as its caption's class, and the image with the feature as the feature-free one is
+            (its class distribution, detached, is the target). The region terms alone train the region embeddings;
+            this term reaches the image path (README, "Mitigation on controlled MNIST settings").
         temperature: tau of the region and zero-shot terms (0.07).
         reduction: "mean" over images (default) or "sum" (the paper's formula as written). At batch 128 the sum
             weighs the region terms about 100x against L_CL; measured on the controlled MNIST setting (README), it
@@ -209,7 +211,7 @@ class MitigateResult:
     n_select: int = 0  # images the selection rule scores (audit selection half, or the held-out share)
     region_mode: str = "roi"  # how the training step embedded the regions (the audit's mode)
     sampler: str = "shuffle"  # the sampler the loop drew batches with: "balanced" or "shuffle"
-    image_term: str = "none"  # ravl's image-level term ("masked": feature-masked copies)
+    image_term: str = "none"  # ravl's image-level term: "none", "masked" or "counterfactual"
     start_val: float = float("nan")  # the selection value of the starting weights (epoch 0)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Mitigation's training methods: the loss and the sampler of each (the loop is ravl_engine/training.py).
 
-- ``ravl``: lambda L_CL + (1 - lambda) (L_R + L_A), regions embedded in the audit's region mode; with
-  ``image_term="masked"`` (an extension, not the paper's) plus L_M, the feature-masked image term
-  (:func:`ravl_engine.kernels.loss.masked_image_loss`), which reaches the image embedding itself;
+- ``ravl``: lambda L_CL + (1 - lambda) (L_R + L_A), regions embedded in the audit's region mode; with an
+  ``image_term`` (an extension, not the paper's) plus L_M over counterfactual pairs (:func:`counterfactual_pairs`,
+  :func:`ravl_engine.kernels.loss.counterfactual_loss`), which reaches the image embedding itself;
 - ``standard``: L_CL;
 - ``upsampled``: L_CL with a group-balanced sampler;
 - ``vl-erm``: lambda L_CL + (1 - lambda) cross-entropy of the zero-shot logits, group-balanced sampler;
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ravl_engine.distributed import gather, gather_with_grad, is_distributed
-from ravl_engine.kernels.loss import clip_loss, mask_boxes, masked_image_loss, pad_regions, region_aware_loss
+from ravl_engine.kernels.loss import box_mask, clip_loss, counterfactual_loss, pad_regions, region_aware_loss
 from ravl_engine.mitigate_prep import TrainSet
 from ravl_engine.training import (  # noqa: F401 (zero_shot: re-exported)
     ClipWithRegions,
@@ -41,7 +41,7 @@ METHODS = ("ravl", "standard", "upsampled", "vl-erm", "vl-gdro")
 BALANCED = ("upsampled", "vl-erm", "vl-gdro")
 SAMPLERS = ("method", "balanced", "shuffle")  # "method": balanced for the BALANCED methods, else shuffle
 WITH_CLASSES = ("ravl", "vl-erm", "vl-gdro")
-IMAGE_TERMS = ("none", "masked")  # ravl's optional image-level term (see masked_copies)
+IMAGE_TERMS = ("none", "masked", "counterfactual")  # ravl's optional image-level term (see counterfactual_pairs)
 
 
 def class_embeddings(model: Any, tokens: Tensor, n_classes: int) -> Tensor:
@@ -76,25 +76,66 @@ def batch_boxes(ts: TrainSet, idx: Tensor) -> tuple[list[Tensor], Tensor]:
     return boxes, flags
 
 
-def masked_copies(images: Tensor, boxes: list[Tensor], spurious: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """The feature-masked copies of a batch's labelled images that carry a spurious region.
+@dataclass(frozen=True)
+class Pairs:
+    """Counterfactual pairs of a batch. Positions index ``cat([batch images, copies])``.
 
-    Every pixel inside one of the image's spurious boxes is set to 0, the normalisation mean colour.
-
-    Returns:
-        (which [A] int64 batch positions, copies [A, 3, S, S]).
+    Attributes:
+        copies: [P', 3, S, S] the new images (masked, then pasted).
+        with_feature: [P] positions of the images carrying the feature.
+        without: [P] positions of their feature-free partners.
+        labels: [P] int64 the class of each pair.
     """
-    counts = torch.tensor([b.shape[0] for b in boxes], device=images.device, dtype=torch.long)
-    owner = torch.repeat_interleave(torch.arange(len(boxes), device=images.device), counts)
-    spurious = spurious.to(images.device)
-    has = torch.zeros(len(boxes), dtype=torch.bool, device=images.device)
+
+    copies: Tensor
+    with_feature: Tensor
+    without: Tensor
+    labels: Tensor
+
+
+def counterfactual_pairs(
+    images: Tensor, boxes: list[Tensor], spurious: Tensor, labels: Tensor, *, paste: bool
+) -> Pairs:
+    """The pairs of ``--image-term``, built from the discovered spurious regions only (no feature labels).
+
+    Donors are the labelled images with a region in the spurious cluster. ``masked``: each donor and its copy with
+    those regions set to 0 (the normalisation mean colour), label the donor's. ``counterfactual`` (``paste``) adds,
+    for each donor, the next labelled image after it in the batch (cyclically) whose class differs and which has
+    no spurious region: its copy with the donor's spurious-region pixels pasted in at the same place, and the image
+    itself, label the recipient's. (A pasted box may cover the recipient's object where regions are large, as
+    quadrants are.)
+    """
+    n, dev = len(boxes), images.device
+    counts = torch.tensor([b.shape[0] for b in boxes], device=dev, dtype=torch.long)
+    owner = torch.repeat_interleave(torch.arange(n, device=dev), counts)
+    spurious = spurious.to(dev)
+    has = torch.zeros(n, dtype=torch.bool, device=dev)
     has[owner[spurious]] = True
-    which = torch.nonzero(has & (labels >= 0))[:, 0]
-    slot = torch.full((len(boxes),), -1, dtype=torch.long, device=images.device)
-    slot[which] = torch.arange(which.numel(), device=images.device)
-    flat = torch.cat(boxes).to(images.device) if boxes else images.new_zeros(0, 4)
-    keep = spurious & (slot[owner] >= 0)
-    return which, mask_boxes(images[which], flat[keep], slot[owner[keep]])
+    donors = torch.nonzero(has & (labels >= 0))[:, 0]
+    flat = torch.cat(boxes).to(dev) if boxes else images.new_zeros(0, 4)
+    hit = box_mask(images, flat[spurious], owner[spurious])  # [B, H, W]: every image's spurious pixels
+    masked = images[donors].masked_fill(hit[donors][:, None], 0.0)
+    with_feature, without, pair_labels = [donors], [n + torch.arange(donors.numel(), device=dev)], [labels[donors]]
+    copies = [masked]
+    if paste:
+        free = ((labels >= 0) & ~has).tolist()
+        ys = labels.tolist()
+        recipients: list[int] = []
+        pasted_donors: list[int] = []
+        for d in donors.tolist():
+            r = next((j % n for j in range(d + 1, d + n) if free[j % n] and ys[j % n] != ys[d]), None)
+            if r is not None:
+                recipients.append(r)
+                pasted_donors.append(d)
+        if recipients:
+            d_idx = torch.tensor(pasted_donors, device=dev)
+            r_idx = torch.tensor(recipients, device=dev)
+            copies.append(torch.where(hit[d_idx][:, None], images[d_idx], images[r_idx]))
+            start = n + donors.numel()
+            with_feature.append(start + torch.arange(r_idx.numel(), device=dev))
+            without.append(r_idx)
+            pair_labels.append(labels[r_idx])
+    return Pairs(torch.cat(copies), torch.cat(with_feature), torch.cat(without), torch.cat(pair_labels))
 
 
 @dataclass(frozen=True)
@@ -139,9 +180,9 @@ def mitigation_loss(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The training loss of ``cfg.method`` for one batch: (total, L_CL, auxiliary term).
 
-    ``ravl`` embeds the image and all its regions in one backbone pass and adds L_R + L_A (and, with
-    ``cfg.image_term == "masked"``, L_M on this rank's images: their feature-masked copies join the same image pass,
-    so a ResNet's batch statistics include them); ``vl-erm`` / ``vl-gdro``
+    ``ravl`` embeds the image and all its regions in one backbone pass and adds L_R + L_A (and, with an
+    ``cfg.image_term``, L_M over this rank's counterfactual pairs: the copies join the same image pass, so a
+    ResNet's batch statistics include them); ``vl-erm`` / ``vl-gdro``
     add the (group-robust) cross-entropy of the zero-shot logits of the images whose caption names a class.
     ``class_emb`` [C, D] (unit rows) is needed by those three methods.
 
@@ -155,15 +196,16 @@ def mitigation_loss(
         raise ValueError("method 'ravl' needs boxes and spurious flags")
     if cfg.method in WITH_CLASSES and class_emb is None:
         raise ValueError(f"method {cfg.method!r} needs class embeddings")
-    images, boxes, which = batch.images, batch.boxes if cfg.method == "ravl" else None, None
-    if boxes is not None and batch.spurious is not None and cfg.image_term == "masked":
-        which, copies = masked_copies(batch.images, boxes, batch.spurious, batch.labels)
-        images = torch.cat([images, copies])
-        boxes = [*boxes, *(boxes[0].new_zeros(0, 4) for _ in range(copies.shape[0]))]
+    images, boxes, pairs = batch.images, batch.boxes if cfg.method == "ravl" else None, None
+    if boxes is not None and batch.spurious is not None and cfg.image_term != "none":
+        pairs = counterfactual_pairs(
+            batch.images, boxes, batch.spurious, batch.labels, paste=cfg.image_term == "counterfactual"
+        )
+        images = torch.cat([images, pairs.copies])
+        boxes = [*boxes, *(boxes[0].new_zeros(0, 4) for _ in range(pairs.copies.shape[0]))]
     image_emb, region_emb, text_emb = towers(images, batch.tokens, boxes)
-    n = batch.images.shape[0]
-    image_emb, copy_emb = image_emb[:n], image_emb[n:]
-    local_emb = image_emb  # this rank's rows, before the gather below
+    all_emb = image_emb  # this rank's images and copies, before the gather below
+    image_emb = image_emb[: batch.images.shape[0]]
     labels, groups = gather(batch.labels), gather(batch.groups)
     image_emb = gather_with_grad(image_emb)
     loss_cl = clip_loss(image_emb, gather_with_grad(text_emb), model.logit_scale.exp())
@@ -193,13 +235,9 @@ def mitigation_loss(
             distinct_labels=cfg.distinct_labels,
         )
         aux = l_r + l_a
-        if which is not None:
-            assert class_emb is not None
-
-            def class_logits(emb: Tensor) -> Tensor:
-                return F.normalize(emb.float(), dim=-1) @ class_emb.T / cfg.temperature
-
-            aux = aux + masked_image_loss(class_logits(local_emb[which]), class_logits(copy_emb), batch.labels[which])
+        if pairs is not None:
+            logits = F.normalize(all_emb.float(), dim=-1) @ class_emb.T / cfg.temperature
+            aux = aux + counterfactual_loss(logits[pairs.with_feature], logits[pairs.without], pairs.labels)
     else:
         has = labels >= 0
         if bool(has.any()):

@@ -1,4 +1,4 @@
-"""RaVL's optional feature-masked image term: the masking kernel, the batch's copies, the loss, the method."""
+"""RaVL's optional image term: the masking kernel, the counterfactual pairs of a batch, the loss, the method."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from click.testing import CliRunner
 
 from ravl_engine import ConfigError
 from ravl_engine.cli import main
-from ravl_engine.kernels.loss import mask_boxes, masked_image_loss
+from ravl_engine.kernels.loss import counterfactual_loss, mask_boxes
 from ravl_engine.mitigate import MitigateConfig, StepBatch, mitigation_loss, run_mitigate
-from ravl_engine.mitigate_methods import class_embeddings, masked_copies
+from ravl_engine.mitigate_methods import class_embeddings, counterfactual_pairs
 from ravl_engine.models import load_clip
 from tests.test_mitigate import _cfg, setting  # noqa: F401 (the module fixture)
 
@@ -42,21 +42,33 @@ def test_mask_boxes_sets_the_pixels_whose_centre_is_inside_and_nothing_else():
     assert torch.equal(mask_boxes(images, boxes[:0], owner[:0]), images)
 
 
-def test_masked_copies_are_the_labelled_images_with_a_spurious_region_masked_there_only():
-    images = torch.ones(4, 3, 8, 8)
+def test_counterfactual_pairs_mask_donors_and_paste_into_other_classes():
+    images = torch.arange(5, dtype=torch.float32)[:, None, None, None].expand(5, 3, 8, 8).clone() + 1
     quads = torch.tensor([[0.0, 0, 4, 4], [4, 0, 8, 4], [0, 4, 4, 8], [4, 4, 8, 8]])
-    boxes = [quads[:2], quads, quads[:3], quads]
-    spurious = torch.zeros(13, dtype=torch.bool)
-    spurious[[1, 7, 10]] = True  # box 1 of images 0, 2 and 3 (offsets 0, 2, 6, 9)
-    labels = torch.tensor([2, 0, 1, -1])  # image 3 names no class
-    which, copies = masked_copies(images, boxes, spurious, labels)
-    assert which.tolist() == [0, 2]
-    want = torch.ones(2, 3, 8, 8)
+    boxes = [quads[:2], quads, quads[:3], quads, quads]
+    spurious = torch.zeros(17, dtype=torch.bool)
+    spurious[[1, 7, 10]] = True  # box 1 (top right) of images 0, 2 and 3 (offsets 0, 2, 6, 9, 13)
+    labels = torch.tensor([2, 2, 1, -1, 0])  # image 3 names no class
+    masked = counterfactual_pairs(images, boxes, spurious, labels, paste=False)
+    assert masked.with_feature.tolist() == [0, 2] and masked.without.tolist() == [5, 6]
+    assert masked.labels.tolist() == [2, 1]
+    want = images[[0, 2]].clone()
     want[:, :, 0:4, 4:8] = 0.0  # the top-right quadrant of both
-    assert torch.equal(copies, want)
+    assert torch.equal(masked.copies, want)
+    both = counterfactual_pairs(images, boxes, spurious, labels, paste=True)
+    # donor 0 (class 2): the next free image of another class is 4 (1 shares the class, 2 and 3 are not free);
+    # donor 2 (class 1): 4 again (3 names no class)
+    assert both.with_feature.tolist() == [0, 2, 7, 8] and both.without.tolist() == [5, 6, 4, 4]
+    assert both.labels.tolist() == [2, 1, 0, 0]
+    for copy, donor in zip(both.copies[2:], (0, 2), strict=True):
+        want = images[4].clone()
+        want[:, 0:4, 4:8] = images[donor, :, 0:4, 4:8]
+        assert torch.equal(copy, want)
+    alone = counterfactual_pairs(images[:1], boxes[:1], spurious[:2], labels[:1], paste=True)  # no recipient
+    assert alone.with_feature.tolist() == [0] and alone.without.tolist() == [1]
 
 
-def test_masked_image_loss_matches_a_float64_oracle_and_is_zero_without_copies():
+def test_counterfactual_loss_matches_a_float64_oracle_and_is_zero_without_pairs():
     g = torch.Generator().manual_seed(1)
     full, masked = (
         torch.randn(5, 4, generator=g, dtype=torch.float64),
@@ -70,12 +82,12 @@ def test_masked_image_loss_matches_a_float64_oracle_and_is_zero_without_copies()
         want += -(p_m * torch.log(torch.exp(full[i]) / torch.exp(full[i]).sum())).sum() / 5
     full.requires_grad_(True)
     masked.requires_grad_(True)
-    got = masked_image_loss(full, masked, labels)
+    got = counterfactual_loss(full, masked, labels)
     assert float(got.detach()) == pytest.approx(float(want), rel=1e-12)
     got.backward()
     # the masked copies' distribution is the full image's target, not pulled toward it: their gradient is the CE's
     assert torch.allclose(masked.grad, (F.softmax(masked, 1) - F.one_hot(labels, 4)).detach() / 5)
-    empty = masked_image_loss(full[:0], masked[:0], labels[:0])
+    empty = counterfactual_loss(full[:0], masked[:0], labels[:0])
     assert float(empty.detach()) == 0.0 and empty.requires_grad
 
 
@@ -111,15 +123,25 @@ def test_the_step_adds_the_masked_term_to_ravls_region_terms():
         def logits(e):
             return F.normalize(e, dim=-1) @ class_emb.T / masked.temperature
 
-        want = masked_image_loss(logits(image_emb), logits(copy_emb), labels[[0, 3]])
+        want = counterfactual_loss(logits(image_emb), logits(copy_emb), labels[[0, 3]])
     assert float(clip1) == pytest.approx(float(clip0), rel=1e-5)
     assert float(aux1 - aux0) == pytest.approx(float(want), rel=1e-4, abs=1e-5)
     assert float(total) == pytest.approx(float(0.8 * clip1 + 0.2 * aux1), rel=1e-6)
+    counter = MitigateConfig(train="-", discovery="-", out="-", method="ravl", image_term="counterfactual")
+    with torch.no_grad():
+        _, _, aux2 = mitigation_loss(model, batch, class_emb, counter)
+        pasted = batch.images[[1, 4]].clone()  # donors 0 and 3 paste into the next image of another class
+        pasted[:, :, 0:32, 32:64] = batch.images[[0, 3], :, 0:32, 32:64]
+        pairs_with = torch.cat([image_emb, model.encode_image(pasted)])
+        pairs_without = torch.cat([copy_emb, model.encode_image(batch.images[[1, 4]])])
+        want2 = counterfactual_loss(logits(pairs_with), logits(pairs_without), labels[[0, 3, 1, 4]])
+    assert float(aux2 - aux0) == pytest.approx(float(want2), rel=1e-4, abs=1e-5)
 
 
 def test_mitigate_with_the_masked_term_trains_and_reports_it(setting, tmp_path):  # noqa: F811
-    result = run_mitigate(_cfg(setting, tmp_path, image_term="masked"))
-    assert result.image_term == "masked" and result.method == "ravl" and result.history[0]["aux"] > 0
+    for term in ("masked", "counterfactual"):
+        result = run_mitigate(_cfg(setting, tmp_path, image_term=term, out=str(tmp_path / f"{term}.pt")))
+        assert result.image_term == term and result.method == "ravl" and result.history[0]["aux"] > 0
     with pytest.raises(ConfigError, match="--image-term masked is a term of --method ravl"):
         _cfg(setting, tmp_path, method="upsampled", image_term="masked")
     with pytest.raises(ConfigError, match="--image-term must be one of"):
@@ -128,7 +150,8 @@ def test_mitigate_with_the_masked_term_trains_and_reports_it(setting, tmp_path):
     args = ["mitigate", "--train", str(train_set), "--discovery", str(discovery), "--epochs", "1", "--batch-size", "16"]
     res = CliRunner().invoke(
         main,
-        [*args, "--out", str(tmp_path / "cli.pt"), "--work-dir", str(root / "train-regions"), "--image-term", "masked"],
+        [*args, "--out", str(tmp_path / "cli.pt"), "--work-dir", str(root / "train-regions")]
+        + ["--image-term", "counterfactual"],
     )
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["image_term"] == "masked"
+    assert json.loads(res.stdout)["image_term"] == "counterfactual"

@@ -147,46 +147,51 @@ def region_aware_loss(
     return loss_r.sum(), loss_a.sum()
 
 
-def mask_boxes(images: Tensor, boxes: Tensor, owner: Tensor, fill: float = 0.0) -> Tensor:
-    """A copy of ``images`` with every pixel whose centre lies inside one of its boxes set to ``fill``.
+def box_mask(images: Tensor, boxes: Tensor, owner: Tensor) -> Tensor:
+    """[B, H, W] bool: the pixels of ``images`` [B, C, H, W] whose centre lies inside one of their boxes.
 
     Args:
-        images: [B, C, H, W].
-        boxes: [S, 4] xyxy in pixels (pixel j spans [j, j + 1], its centre is j + 0.5).
+        images: [B, C, H, W] (only the shape and device are used).
+        boxes: [S, 4] xyxy in pixels (pixel j spans [j, j + 1], its centre is j + 0.5; edges count as inside).
         owner: [S] int64, the image of each box.
-        fill: the value written (0 = the normalisation mean colour for normalised images).
-
-    Returns:
-        [B, C, H, W], the masked copy (``images`` is not modified).
     """
     b, _, h, w = images.shape
+    hit = torch.zeros(b, h, w, device=images.device)
     if boxes.shape[0] == 0:
-        return images.clone()
+        return hit > 0
     boxes = boxes.to(images.device, torch.float32)
     ys = torch.arange(h, device=images.device, dtype=torch.float32) + 0.5
     xs = torch.arange(w, device=images.device, dtype=torch.float32) + 0.5
     in_y = (ys[None, :] >= boxes[:, 1:2]) & (ys[None, :] <= boxes[:, 3:4])  # [S, H]
     in_x = (xs[None, :] >= boxes[:, 0:1]) & (xs[None, :] <= boxes[:, 2:3])  # [S, W]
     inside = (in_y[:, :, None] & in_x[:, None, :]).float()  # [S, H, W]
-    hit = torch.zeros(b, h, w, device=images.device).index_add_(0, owner.to(images.device), inside) > 0
-    return images.masked_fill(hit[:, None], fill)
+    return hit.index_add_(0, owner.to(images.device), inside) > 0
 
 
-def masked_image_loss(image_logits: Tensor, masked_logits: Tensor, labels: Tensor) -> Tensor:
-    """The feature-masked image term: cross-entropy of the masked copies' class logits to the labels, plus the
-    cross-entropy of the full images' class distribution to the masked copies' (detached): the image must be
-    classified without the feature and classified as it would be without it.
+def mask_boxes(images: Tensor, boxes: Tensor, owner: Tensor, fill: float = 0.0) -> Tensor:
+    """A copy of ``images`` with the pixels of :func:`box_mask` set to ``fill`` (0 = the normalisation mean colour
+    for normalised images); ``images`` is not modified."""
+    return images.masked_fill(box_mask(images, boxes, owner)[:, None], fill)
+
+
+def counterfactual_loss(with_logits: Tensor, without_logits: Tensor, labels: Tensor) -> Tensor:
+    """RaVL's optional image term over pairs of one image with and without the spurious feature.
+
+    Cross-entropy of the feature-free image's class logits to its label, plus the cross-entropy of the image with
+    the feature to the feature-free image's class distribution (detached): classify without the feature, and
+    classify the same with it. Pairs are (an image with a spurious region, its copy with those regions masked) and
+    (an image of another class with those regions pasted in, that image).
 
     Args:
-        image_logits: [A, C] class logits of the images that carry a spurious region.
-        masked_logits: [A, C] class logits of their copies with the spurious regions masked.
-        labels: [A] int64 class indices (>= 0).
+        with_logits: [P, C] class logits of the images carrying the feature.
+        without_logits: [P, C] class logits of their feature-free partners.
+        labels: [P] int64 class indices (>= 0).
 
     Returns:
-        Scalar, the mean over the A images (0 with A = 0, keeping the graph).
+        Scalar, the mean over the P pairs (0 with P = 0, keeping the graph).
     """
     if labels.numel() == 0:
-        return image_logits.sum() * 0.0 + masked_logits.sum() * 0.0
-    target = F.softmax(masked_logits.detach(), dim=-1)
-    invariance = -(target * F.log_softmax(image_logits, dim=-1)).sum(dim=-1).mean()
-    return F.cross_entropy(masked_logits, labels) + invariance
+        return with_logits.sum() * 0.0 + without_logits.sum() * 0.0
+    target = F.softmax(without_logits.detach(), dim=-1)
+    invariance = -(target * F.log_softmax(with_logits, dim=-1)).sum(dim=-1).mean()
+    return F.cross_entropy(without_logits, labels) + invariance
