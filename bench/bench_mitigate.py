@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from ravl_engine.demo import DemoConfig, run_demo
     from ravl_engine.evaluate import EvaluateConfig, run_evaluate
-    from ravl_engine.mitigate import IMAGE_TERMS, METHODS, SAMPLERS, MitigateConfig, run_mitigate
+    from ravl_engine.mitigate import IMAGE_TERMS, METHODS, SAMPLERS, WITH_CLASSES, MitigateConfig, run_mitigate
 
     model = args.model or ("ravl-tiny-rn-112" if args.family == "scene" else "ravl-tiny-rn")
     scratch = args.pretrain_epochs == 0  # from scratch: the engine's default lr there (1e-3) unless given
@@ -128,11 +128,11 @@ def main(argv: list[str] | None = None) -> None:
             name not in METHODS
             or any(p not in (*SAMPLERS, *IMAGE_TERMS) for p in parts)
             or len(parts) > 2
-            or (term != "none" and name != "ravl")
+            or (term != "none" and name not in WITH_CLASSES)
         ):
             parser.error(
                 f"--methods: {spec!r} is not METHOD[+SAMPLER][+IMAGE_TERM] ({', '.join(METHODS)}; "
-                f"{', '.join(SAMPLERS)}; {', '.join(IMAGE_TERMS)}, ravl only)"
+                f"{', '.join(SAMPLERS)}; {', '.join(IMAGE_TERMS)} with {', '.join(WITH_CLASSES)})"
             )
         arms[spec] = (name, sampler, term)
     rows: dict[str, list[dict]] = {m: [] for m in methods}

@@ -77,8 +77,9 @@ class MitigateConfig:
         work_dir: run directory for the fine-tuning regions (default ``OUT.regions``); resumed, shared by methods.
         proposer: override the audit's proposer (e.g. when the audit used manifest boxes).
         clip_weight: lambda, the CLIP loss's share (0.8).
-        image_term: "none" (default, the paper's RaVL), "masked" or "counterfactual" (``ravl`` only; an extension):
-            L_M joins the region terms, over pairs of an image with and without the discovered feature
+        image_term: "none" (default, the paper's RaVL), "masked" or "counterfactual" (an extension; ``ravl``, and
+            ``vl-erm`` / ``vl-gdro`` for ablations):
+            L_M joins the method's class term, over pairs of an image with and without the discovered feature
             (:func:`ravl_engine.mitigate_methods.counterfactual_pairs`): "masked" pairs each labelled image that has
             a spurious region with its copy where those regions are set to the mean colour; "counterfactual" adds
             an image of another class with those pixels pasted in, paired with that image. The feature-free image
@@ -160,8 +161,11 @@ class MitigateConfig:
             raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.image_term not in IMAGE_TERMS:
             raise ConfigError(f"--image-term must be one of {', '.join(IMAGE_TERMS)}, got {self.image_term!r}")
-        if self.image_term != "none" and self.method != "ravl":
-            raise ConfigError(f"--image-term {self.image_term} is a term of --method ravl, not {self.method!r}")
+        if self.image_term != "none" and self.method not in WITH_CLASSES:
+            raise ConfigError(
+                f"--image-term {self.image_term} needs a method with class embeddings ({', '.join(WITH_CLASSES)}), "
+                f"not {self.method!r}"
+            )
         if not 0 <= self.clip_weight <= 1:
             raise ConfigError(f"--clip-weight must be in [0, 1], got {self.clip_weight}")
         if not self.temperature > 0:

@@ -41,7 +41,7 @@ METHODS = ("ravl", "standard", "upsampled", "vl-erm", "vl-gdro")
 BALANCED = ("upsampled", "vl-erm", "vl-gdro")
 SAMPLERS = ("method", "balanced", "shuffle")  # "method": balanced for the BALANCED methods, else shuffle
 WITH_CLASSES = ("ravl", "vl-erm", "vl-gdro")
-IMAGE_TERMS = ("none", "masked", "counterfactual")  # ravl's optional image-level term (see counterfactual_pairs)
+IMAGE_TERMS = ("none", "masked", "counterfactual")  # the optional image term (see counterfactual_pairs)
 
 
 def class_embeddings(model: Any, tokens: Tensor, n_classes: int) -> Tensor:
@@ -196,13 +196,16 @@ def mitigation_loss(
         raise ValueError("method 'ravl' needs boxes and spurious flags")
     if cfg.method in WITH_CLASSES and class_emb is None:
         raise ValueError(f"method {cfg.method!r} needs class embeddings")
+    if cfg.image_term != "none" and (batch.boxes is None or batch.spurious is None):
+        raise ValueError(f"image term {cfg.image_term!r} needs boxes and spurious flags")
     images, boxes, pairs = batch.images, batch.boxes if cfg.method == "ravl" else None, None
-    if boxes is not None and batch.spurious is not None and cfg.image_term != "none":
+    if batch.boxes is not None and batch.spurious is not None and cfg.image_term != "none":
         pairs = counterfactual_pairs(
-            batch.images, boxes, batch.spurious, batch.labels, paste=cfg.image_term == "counterfactual"
+            batch.images, batch.boxes, batch.spurious, batch.labels, paste=cfg.image_term == "counterfactual"
         )
         images = torch.cat([images, pairs.copies])
-        boxes = [*boxes, *(boxes[0].new_zeros(0, 4) for _ in range(pairs.copies.shape[0]))]
+        if boxes is not None:
+            boxes = [*boxes, *(boxes[0].new_zeros(0, 4) for _ in range(pairs.copies.shape[0]))]
     image_emb, region_emb, text_emb = towers(images, batch.tokens, boxes)
     all_emb = image_emb  # this rank's images and copies, before the gather below
     image_emb = image_emb[: batch.images.shape[0]]
@@ -235,15 +238,15 @@ def mitigation_loss(
             distinct_labels=cfg.distinct_labels,
         )
         aux = l_r + l_a
-        if pairs is not None:
-            logits = F.normalize(all_emb.float(), dim=-1) @ class_emb.T / cfg.temperature
-            aux = aux + counterfactual_loss(logits[pairs.with_feature], logits[pairs.without], pairs.labels)
     else:
         has = labels >= 0
         if bool(has.any()):
             logits = F.normalize(image_emb[has].float(), dim=-1) @ class_emb.T / cfg.temperature
             ce = F.cross_entropy(logits, labels[has], reduction="none")
             aux = ce.mean() if gdro is None else gdro(ce, groups[has])
+    if pairs is not None:
+        logits = F.normalize(all_emb.float(), dim=-1) @ class_emb.T / cfg.temperature
+        aux = aux + counterfactual_loss(logits[pairs.with_feature], logits[pairs.without], pairs.labels)
     lam = cfg.clip_weight
     return lam * loss_cl + (1 - lam) * aux, loss_cl, aux
 
@@ -279,7 +282,7 @@ def method_loss(
     methods without a class term.
     """
     gdro = GroupDRO(2 * n_classes + 2, cfg.gdro_step) if cfg.method == "vl-gdro" else None
-    with_regions = cfg.method == "ravl"
+    with_regions = cfg.method == "ravl" or cfg.image_term != "none"
 
     def loss_fn(idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         boxes, flags = batch_boxes(ts, idx) if with_regions else (None, None)

@@ -136,13 +136,21 @@ def test_the_step_adds_the_masked_term_to_ravls_region_terms():
         pairs_without = torch.cat([copy_emb, model.encode_image(batch.images[[1, 4]])])
         want2 = counterfactual_loss(logits(pairs_with), logits(pairs_without), labels[[0, 3, 1, 4]])
     assert float(aux2 - aux0) == pytest.approx(float(want2), rel=1e-4, abs=1e-5)
+    # the same pairs on top of VL-ERM's image cross-entropy (the ablation without region terms)
+    erm = MitigateConfig(train="-", discovery="-", out="-", method="vl-erm")
+    erm_cf = MitigateConfig(train="-", discovery="-", out="-", method="vl-erm", image_term="counterfactual")
+    with torch.no_grad():
+        _, _, aux3 = mitigation_loss(model, batch, class_emb, erm)
+        _, _, aux4 = mitigation_loss(model, batch, class_emb, erm_cf)
+    assert float(aux4 - aux3) == pytest.approx(float(want2), rel=1e-4, abs=1e-5)
 
 
 def test_mitigate_with_the_masked_term_trains_and_reports_it(setting, tmp_path):  # noqa: F811
-    for term in ("masked", "counterfactual"):
-        result = run_mitigate(_cfg(setting, tmp_path, image_term=term, out=str(tmp_path / f"{term}.pt")))
-        assert result.image_term == term and result.method == "ravl" and result.history[0]["aux"] > 0
-    with pytest.raises(ConfigError, match="--image-term masked is a term of --method ravl"):
+    for method, term in (("ravl", "masked"), ("ravl", "counterfactual"), ("vl-erm", "counterfactual")):
+        cfg = _cfg(setting, tmp_path, method=method, image_term=term, out=str(tmp_path / f"{method}-{term}.pt"))
+        result = run_mitigate(cfg)
+        assert result.image_term == term and result.method == method and result.history[0]["aux"] > 0
+    with pytest.raises(ConfigError, match="--image-term masked needs a method with class embeddings"):
         _cfg(setting, tmp_path, method="upsampled", image_term="masked")
     with pytest.raises(ConfigError, match="--image-term must be one of"):
         _cfg(setting, tmp_path, image_term="blur")
