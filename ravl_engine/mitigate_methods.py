@@ -1,12 +1,14 @@
 """Mitigation's training methods: the loss and the sampler of each (the loop is ravl_engine/training.py).
 
-- ``ravl``: lambda L_CL + (1 - lambda) (L_R + L_A), regions embedded in the audit's region mode; with an
-  ``image_term`` (an extension, not the paper's) plus L_M over counterfactual pairs (:func:`counterfactual_pairs`,
-  :func:`ravl_engine.kernels.loss.counterfactual_loss`), which reaches the image embedding itself;
+- ``ravl``: lambda L_CL + (1 - lambda) (L_R + L_A), regions embedded in the audit's region mode;
 - ``standard``: L_CL;
 - ``upsampled``: L_CL with a group-balanced sampler;
 - ``vl-erm``: lambda L_CL + (1 - lambda) cross-entropy of the zero-shot logits, group-balanced sampler;
 - ``vl-gdro``: lambda L_CL + (1 - lambda) group DRO over the zero-shot cross-entropy, group-balanced sampler.
+
+With an ``image_term`` (an extension, not the paper's; ``ravl``, ``vl-erm``, ``vl-gdro``) the class term gains L_M
+over counterfactual pairs (:func:`counterfactual_pairs`, :func:`ravl_engine.kernels.loss.counterfactual_loss`),
+which reaches the image embedding itself.
 
 Groups are class x feature present (an image has a region in the spurious cluster); images whose caption names
 no class form one more group per feature flag and only get the CLIP loss.
