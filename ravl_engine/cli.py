@@ -656,7 +656,8 @@ def _mitigate_options() -> list[click.Parameter]:
             M,
             "image_term",
             type=click.Choice(IMAGE_TERMS),
-            help="ravl only: a term on image pairs with and without the discovered feature (masked copies; "
+            help="ravl (vl-erm / vl-gdro for ablations): a term on image pairs with and without the discovered "
+            "feature (masked copies; "
             "'counterfactual' also pastes it into other classes' images) that reaches the image embedding (an "
             "extension of the paper's loss; README).",
         ),
