@@ -28,6 +28,8 @@ NAMES = {
     "ravl": "RaVL",
     "ravl+balanced": "RaVL + balanced sampler",
     "ravl+masked": "RaVL + masked image term",
+    "ravl+counterfactual": "RaVL + counterfactual image term",
+    "vl-erm+shuffle+counterfactual": "Ablation: VL-ERM, shuffled, + counterfactual term (no region terms)",
 }
 
 
