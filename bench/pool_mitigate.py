@@ -1,7 +1,8 @@
 """Pool bench_mitigate's raw lines from several invocations: per-method means and RaVL's paired differences.
 
-A setting (feature, class, V, seed) counts when it is valid and every method of the first line set has a line for
-it (an invocation stopped mid-setting leaves its partial lines out). Prints the same ``mitigate-summary`` and
+A setting (feature, class, V, seed) counts when it is valid and every method seen has a line for it (an invocation
+stopped mid-setting leaves its partial lines out); a setting run again by another invocation (with more arms, from
+the same deterministic pretraining and audit) counts once, its arms merged. Prints the same ``mitigate-summary`` and
 ``mitigate-paired`` lines as the benchmark, plus a ``mitigate-pooled`` line with the counts; ``--markdown`` prints
 the README's table instead (mean ± sample standard deviation, points).
 
@@ -38,18 +39,17 @@ def pool(paths: list[str]) -> tuple[list[str], dict[tuple, dict[str, dict]], dic
     lines = [json.loads(x) for p in paths for x in open(p, encoding="utf-8") if x.strip()]
     methods: list[str] = []
     by: dict[tuple, dict[str, dict]] = defaultdict(dict)
-    counts = {"settings": 0, "valid": 0}
+    validity: dict[tuple, bool] = {}  # a setting audited by several invocations (more arms later) counts once
     for line in lines:
         key = (line.get("family"), line.get("feature", "red square"), line.get("spurious_class"))
         key += (line.get("cramers_v"), line.get("seed"))
         if line["bench"] == "mitigate-setting":
-            counts["settings"] += 1
-            counts["valid"] += bool(line["valid"])
+            validity[key] = bool(line["valid"])
         if line["bench"] == "mitigate" and line["valid"]:
             methods += [] if line["method"] in methods else [line["method"]]
             by[key][line["method"]] = line
     complete = {k: v for k, v in by.items() if all(m in v for m in methods)}
-    counts["pairs"] = len(complete)
+    counts = {"settings": len(validity), "valid": sum(validity.values()), "pairs": len(complete)}
     return methods, complete, counts
 
 

@@ -55,6 +55,10 @@ def test_a_second_ravl_arm_is_paired_with_the_baselines_and_the_first(tmp_path, 
         lines += [_line(3, seed, "ravl+masked", masked)]
     path = tmp_path / "a.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    # the setting of seed 0 audited again by a second invocation: it counts once
+    again = tmp_path / "b.jsonl"
+    again.write_text(json.dumps(_setting(3, 0)) + "\n")
+    assert pool([str(path), str(again)])[2] == {"settings": 2, "valid": 2, "pairs": 2}
     main([str(path)])
     out = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     paired = {
