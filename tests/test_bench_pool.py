@@ -16,8 +16,10 @@ def _line(cls, seed, method, wg, valid=True, feature=None):
     return line | ({"feature": feature} if feature else {})
 
 
-def _setting(cls, seed, valid=True):
-    return {"bench": "mitigate-setting", "family": "quadrants", "spurious_class": cls, "seed": seed, "valid": valid}
+def _setting(cls, seed, valid=True, feature=None):
+    line = {"bench": "mitigate-setting", "family": "quadrants", "spurious_class": cls, "cramers_v": 0.99}
+    line |= {"seed": seed, "valid": valid}
+    return line | ({"feature": feature} if feature else {})
 
 
 def test_pooling_keeps_complete_valid_settings_and_pairs_them(tmp_path, capsys):
@@ -26,7 +28,7 @@ def test_pooling_keeps_complete_valid_settings_and_pairs_them(tmp_path, capsys):
     second = [_setting(3, 1), _line(3, 1, "standard", 0.6), _line(3, 1, "ravl", 0.9)]
     second += [_setting(8, 1), _line(8, 1, "standard", 0.2)]  # stopped before ravl: left out
     # the same class and seed with another feature is another setting
-    second += [_setting(3, 0), _line(3, 0, "standard", 0.4, feature="blue disk")]
+    second += [_setting(3, 0, feature="blue disk"), _line(3, 0, "standard", 0.4, feature="blue disk")]
     second += [_line(3, 0, "ravl", 0.4, feature="blue disk")]
     paths = []
     for name, lines in (("a", first), ("b", second)):
