@@ -215,7 +215,7 @@ class MitigateResult:
     n_select: int = 0  # images the selection rule scores (audit selection half, or the held-out share)
     region_mode: str = "roi"  # how the training step embedded the regions (the audit's mode)
     sampler: str = "shuffle"  # the sampler the loop drew batches with: "balanced" or "shuffle"
-    image_term: str = "none"  # ravl's image-level term: "none", "masked" or "counterfactual"
+    image_term: str = "none"  # the image term of the method's class loss: "none", "masked" or "counterfactual"
     start_val: float = float("nan")  # the selection value of the starting weights (epoch 0)
 
     def to_dict(self) -> dict[str, Any]:

@@ -182,11 +182,11 @@ def mitigation_loss(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The training loss of ``cfg.method`` for one batch: (total, L_CL, auxiliary term).
 
-    ``ravl`` embeds the image and all its regions in one backbone pass and adds L_R + L_A (and, with an
-    ``cfg.image_term``, L_M over this rank's counterfactual pairs: the copies join the same image pass, so a
-    ResNet's batch statistics include them); ``vl-erm`` / ``vl-gdro``
+    ``ravl`` embeds the image and all its regions in one backbone pass and adds L_R + L_A; ``vl-erm`` / ``vl-gdro``
     add the (group-robust) cross-entropy of the zero-shot logits of the images whose caption names a class.
-    ``class_emb`` [C, D] (unit rows) is needed by those three methods.
+    ``class_emb`` [C, D] (unit rows) is needed by those three methods. With ``cfg.image_term`` any of them also
+    adds L_M over this rank's counterfactual pairs (:func:`counterfactual_pairs`): the copies join the same image
+    pass, so a ResNet's batch statistics include them.
 
     Under torch.distributed each rank passes its equal share of the global batch and ``towers`` (a
     DistributedDataParallel-wrapped :class:`ravl_engine.training.ClipWithRegions`); the embeddings are gathered
@@ -201,7 +201,8 @@ def mitigation_loss(
     if cfg.image_term != "none" and (batch.boxes is None or batch.spurious is None):
         raise ValueError(f"image term {cfg.image_term!r} needs boxes and spurious flags")
     images, boxes, pairs = batch.images, batch.boxes if cfg.method == "ravl" else None, None
-    if batch.boxes is not None and batch.spurious is not None and cfg.image_term != "none":
+    if cfg.image_term != "none":
+        assert batch.boxes is not None and batch.spurious is not None  # checked above
         pairs = counterfactual_pairs(
             batch.images, batch.boxes, batch.spurious, batch.labels, paste=cfg.image_term == "counterfactual"
         )

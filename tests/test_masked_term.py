@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from ravl_engine import ConfigError
 from ravl_engine.cli import main
-from ravl_engine.kernels.loss import counterfactual_loss, mask_boxes
+from ravl_engine.kernels.loss import box_mask, counterfactual_loss
 from ravl_engine.mitigate import MitigateConfig, StepBatch, mitigation_loss, run_mitigate
 from ravl_engine.mitigate_methods import class_embeddings, counterfactual_pairs
 from ravl_engine.models import load_clip
@@ -28,18 +28,22 @@ def _mask_oracle(images, boxes, owner, fill):
     return out
 
 
-def test_mask_boxes_sets_the_pixels_whose_centre_is_inside_and_nothing_else():
+def _mask_boxes(images, boxes, owner, fill=0.0):
+    return images.masked_fill(box_mask(images, boxes, owner)[:, None], fill)
+
+
+def test_box_mask_holds_the_pixels_whose_centre_is_inside_and_nothing_else():
     g = torch.Generator().manual_seed(0)
     images = torch.randn(3, 2, 9, 11, generator=g)
     before = images.clone()
     boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0], [2.3, 5.6, 7.5, 9.0], [10.2, 0.0, 30.0, 2.0], [3.0, 3.0, 3.2, 3.2]])
     owner = torch.tensor([0, 0, 2, 1])  # box 3 holds no pixel centre
-    got = mask_boxes(images, boxes, owner, fill=-7.0)
+    got = _mask_boxes(images, boxes, owner, fill=-7.0)
     assert torch.equal(got, _mask_oracle(images, boxes, owner, -7.0))
     assert torch.equal(images, before)  # a copy
     assert torch.equal(got[1], images[1])
     assert int((got[0, 0] == -7.0).sum()) == 16 + 6 * 3  # 4x4 corner; x centres 2.5..7.5, y centres 6.5..8.5
-    assert torch.equal(mask_boxes(images, boxes[:0], owner[:0]), images)
+    assert torch.equal(_mask_boxes(images, boxes[:0], owner[:0]), images)
 
 
 def test_counterfactual_pairs_mask_donors_and_paste_into_other_classes():

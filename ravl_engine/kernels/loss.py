@@ -168,12 +168,6 @@ def box_mask(images: Tensor, boxes: Tensor, owner: Tensor) -> Tensor:
     return hit.index_add_(0, owner.to(images.device), inside) > 0
 
 
-def mask_boxes(images: Tensor, boxes: Tensor, owner: Tensor, fill: float = 0.0) -> Tensor:
-    """A copy of ``images`` with the pixels of :func:`box_mask` set to ``fill`` (0 = the normalisation mean colour
-    for normalised images); ``images`` is not modified."""
-    return images.masked_fill(box_mask(images, boxes, owner)[:, None], fill)
-
-
 def counterfactual_loss(with_logits: Tensor, without_logits: Tensor, labels: Tensor) -> Tensor:
     """RaVL's optional image term over pairs of one image with and without the spurious feature.
 
