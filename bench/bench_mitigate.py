@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         if (
             name not in METHODS
             or any(p not in (*SAMPLERS, *IMAGE_TERMS) for p in parts)
-            or len(parts) > 2
+            or sum(p in SAMPLERS for p in parts) > 1
+            or sum(p in IMAGE_TERMS for p in parts) > 1
             or (term != "none" and name not in WITH_CLASSES)
         ):
             parser.error(
