@@ -4,8 +4,9 @@ A step = forward, loss, backward and AdamW update, on synthetic inputs: random i
 random captions, quadrant boxes (4 regions per image), a quarter of the images with one spurious region, ten
 classes with four prompt templates each (text tower frozen, as in the paper, so the class embeddings are computed
 once). Modes alternate inside each repeat so that drift of the machine hits both alike. One JSON line per (model,
-step); every line carries its overhead over the ``standard`` line; ``ravl-masked`` / ``ravl-counterfactual`` are
-RaVL with ``--image-term masked`` / ``counterfactual`` (the quarter of the images with a spurious region pass the
+step); every line carries its overhead over the ``standard`` line; ``ravl`` is the paper's loss (``--image-term
+none``), ``ravl-masked`` / ``ravl-counterfactual`` RaVL with ``--image-term masked`` / ``counterfactual`` (the
+latter ``mitigate``'s default; the quarter of the images with a spurious region pass the
 image tower once / twice more, as copies). A ``kernel`` line times the region-aware loss alone (forward +
 backward) against the CLIP loss on embeddings.
 
@@ -114,15 +115,15 @@ def main(argv: list[str] | None = None) -> None:
             class_emb = _class_embeddings(model, class_tokens, n_classes)
         model.train()
         steps = {}
-        for method in ("standard", "ravl"):
-            cfg = MitigateConfig(train="-", discovery="-", out="-", method=method)
+        for method in ("standard", "ravl"):  # "ravl": the paper's loss; its default image term is a step below
+            cfg = MitigateConfig(train="-", discovery="-", out="-", method=method, image_term="none")
 
             steps[method] = functools.partial(_train_step, model, batch, class_emb, cfg, optimizer)
         for term in ("masked", "counterfactual"):
             cfg = MitigateConfig(train="-", discovery="-", out="-", method="ravl", image_term=term)
             steps[f"ravl-{term}"] = functools.partial(_train_step, model, batch, class_emb, cfg, optimizer)
         if args.torchvision_roialign:
-            cfg = MitigateConfig(train="-", discovery="-", out="-", method="ravl")
+            cfg = MitigateConfig(train="-", discovery="-", out="-", method="ravl", image_term="none")
             step = functools.partial(_train_step, model, batch, class_emb, cfg, optimizer)
             steps["ravl-torchvision-roialign"] = functools.partial(_with_torchvision_roialign, step)
         for fn in steps.values():

@@ -16,7 +16,8 @@ difference to every baseline (pairs = the same setting and seed).
 A method may name its sampler and RaVL its image term: ``ravl+balanced`` is RaVL's loss with the baselines'
 group-balanced sampler over the discovered groups (``mitigate --sampler balanced``), ``ravl+masked`` RaVL with the
 feature-masked image term (``mitigate --image-term masked``); every RaVL arm is compared, paired, with every other
-method.
+method. An arm without an image term runs without one: ``ravl`` is the paper's loss (``--image-term none``), not
+``mitigate``'s default, which is ``ravl+counterfactual``.
 
     python -m bench.bench_mitigate                                      # classes 3,5,8 x V 0.99 x seeds 0,1,2
     python -m bench.bench_mitigate --classes 3 --seeds 0 --methods standard,ravl,ravl+balanced,ravl+masked

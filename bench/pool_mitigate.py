@@ -26,10 +26,10 @@ NAMES = {
     "upsampled": "Upsampled FT",
     "vl-erm": "VL-ERM",
     "vl-gdro": "VL-GDRO",
-    "ravl": "RaVL",
+    "ravl": "RaVL, the paper's loss",
     "ravl+balanced": "RaVL + balanced sampler",
     "ravl+masked": "RaVL + masked image term",
-    "ravl+counterfactual": "RaVL + counterfactual image term",
+    "ravl+counterfactual": "RaVL + counterfactual image term (mitigate's default)",
     "vl-erm+shuffle+counterfactual": "Ablation: VL-ERM, shuffled, + counterfactual term (no region terms)",
 }
 

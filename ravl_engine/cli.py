@@ -629,7 +629,7 @@ def finetune_cmd(progress: bool, **opts: Any) -> None:
 
 
 def _mitigate_options() -> list[click.Parameter]:
-    from ravl_engine.mitigate import IMAGE_TERMS, METHODS, SAMPLERS, SELECT  # noqa: PLC0415
+    from ravl_engine.mitigate import IMAGE_TERM_CHOICES, METHODS, SAMPLERS, SELECT  # noqa: PLC0415
     from ravl_engine.mitigate import MitigateConfig as M  # noqa: PLC0415
 
     return [
@@ -655,11 +655,11 @@ def _mitigate_options() -> list[click.Parameter]:
         field_option(
             M,
             "image_term",
-            type=click.Choice(IMAGE_TERMS),
-            help="ravl (vl-erm / vl-gdro for ablations): a term on image pairs with and without the discovered "
-            "feature (masked copies; "
-            "'counterfactual' also pastes it into other classes' images) that reaches the image embedding (an "
-            "extension of the paper's loss; README).",
+            type=click.Choice(IMAGE_TERM_CHOICES),
+            help="A term on image pairs with and without the discovered feature that reaches the image embedding "
+            "(an extension of the paper's loss; README): 'masked' copies, 'counterfactual' also pastes the feature "
+            "into other classes' images. Default 'method': counterfactual for ravl, none for the rest; 'none' with "
+            "ravl is the paper's loss. vl-erm / vl-gdro accept a term for ablations.",
         ),
         field_option(M, "temperature", help="tau of the region and zero-shot terms."),
         field_option(M, "reduction", type=click.Choice(["mean", "sum"])),

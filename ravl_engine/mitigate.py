@@ -32,6 +32,7 @@ from ravl_engine.images import check_resize
 from ravl_engine.kernels.loss import clip_loss
 from ravl_engine.mitigate_methods import (  # noqa: F401 (StepBatch, GroupDRO, mitigation_loss: re-exported)
     BALANCED,
+    IMAGE_TERM_CHOICES,
     IMAGE_TERMS,
     METHODS,
     SAMPLERS,
@@ -42,6 +43,7 @@ from ravl_engine.mitigate_methods import (  # noqa: F401 (StepBatch, GroupDRO, m
     method_loss,
     method_sampler,
     mitigation_loss,
+    resolved_image_term,
     resolved_sampler,
     zero_shot,
 )
@@ -77,9 +79,10 @@ class MitigateConfig:
         work_dir: run directory for the fine-tuning regions (default ``OUT.regions``); resumed, shared by methods.
         proposer: override the audit's proposer (e.g. when the audit used manifest boxes).
         clip_weight: lambda, the CLIP loss's share (0.8).
-        image_term: "none" (default, the paper's RaVL), "masked" or "counterfactual" (an extension; ``ravl``, and
-            ``vl-erm`` / ``vl-gdro`` for ablations):
-            L_M joins the method's class term, over pairs of an image with and without the discovered feature
+        image_term: "method" (default: "counterfactual" for ``ravl``, "none" for the other methods), "none" (the
+            paper's RaVL: L_CL + L_R + L_A only), "masked" or "counterfactual" (an extension of the paper's loss;
+            ``ravl``, and ``vl-erm`` / ``vl-gdro`` for ablations). With a term, L_M joins the method's class term,
+            over pairs of an image with and without the discovered feature
             (:func:`ravl_engine.mitigate_methods.counterfactual_pairs`): "masked" pairs each labelled image that has
             a spurious region with its copy where those regions are set to the mean colour; "counterfactual" adds
             an image of another class with those pixels pasted in, paired with that image. The feature-free image
@@ -129,7 +132,7 @@ class MitigateConfig:
     work_dir: str | None = None
     proposer: str | None = None
     clip_weight: float = 0.8
-    image_term: str = "none"
+    image_term: str = "method"
     temperature: float = TEMPERATURE
     reduction: str = "mean"
     distinct_labels: bool = True
@@ -159,9 +162,9 @@ class MitigateConfig:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        if self.image_term not in IMAGE_TERMS:
-            raise ConfigError(f"--image-term must be one of {', '.join(IMAGE_TERMS)}, got {self.image_term!r}")
-        if self.image_term != "none" and self.method not in WITH_CLASSES:
+        if self.image_term not in IMAGE_TERM_CHOICES:
+            raise ConfigError(f"--image-term must be one of {', '.join(IMAGE_TERM_CHOICES)}, got {self.image_term!r}")
+        if self.image_term not in ("method", "none") and self.method not in WITH_CLASSES:
             raise ConfigError(
                 f"--image-term {self.image_term} needs a method with class embeddings ({', '.join(WITH_CLASSES)}), "
                 f"not {self.method!r}"
@@ -378,6 +381,6 @@ def run_mitigate(cfg: MitigateConfig, *, on_epoch: Callable[[dict[str, float]], 
         n_select=int(audit.labels.numel()) if audit is not None else int(val_labelled.numel()),
         region_mode=ts.region_mode,
         sampler=resolved_sampler(cfg.method, cfg.sampler),
-        image_term=cfg.image_term,
+        image_term=resolved_image_term(cfg.method, cfg.image_term),
         start_val=float(result.extra["start_val"]),
     )

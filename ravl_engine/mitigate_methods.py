@@ -44,6 +44,7 @@ BALANCED = ("upsampled", "vl-erm", "vl-gdro")
 SAMPLERS = ("method", "balanced", "shuffle")  # "method": balanced for the BALANCED methods, else shuffle
 WITH_CLASSES = ("ravl", "vl-erm", "vl-gdro")
 IMAGE_TERMS = ("none", "masked", "counterfactual")  # the optional image term (see counterfactual_pairs)
+IMAGE_TERM_CHOICES = ("method", *IMAGE_TERMS)  # "method": counterfactual for ravl, none for the rest
 
 
 def class_embeddings(model: Any, tokens: Tensor, n_classes: int) -> Tensor:
@@ -194,17 +195,18 @@ def mitigation_loss(
     rank computes the loss of the whole global batch, so the averaged gradients equal one process's on that batch.
     """
     towers = towers if towers is not None else ClipWithRegions(model)
+    term = resolved_image_term(cfg.method, cfg.image_term)
     if cfg.method == "ravl" and (batch.boxes is None or batch.spurious is None):
         raise ValueError("method 'ravl' needs boxes and spurious flags")
     if cfg.method in WITH_CLASSES and class_emb is None:
         raise ValueError(f"method {cfg.method!r} needs class embeddings")
-    if cfg.image_term != "none" and (batch.boxes is None or batch.spurious is None):
-        raise ValueError(f"image term {cfg.image_term!r} needs boxes and spurious flags")
+    if term != "none" and (batch.boxes is None or batch.spurious is None):
+        raise ValueError(f"image term {term!r} needs boxes and spurious flags")
     images, boxes, pairs = batch.images, batch.boxes if cfg.method == "ravl" else None, None
-    if cfg.image_term != "none":
+    if term != "none":
         assert batch.boxes is not None and batch.spurious is not None  # checked above
         pairs = counterfactual_pairs(
-            batch.images, batch.boxes, batch.spurious, batch.labels, paste=cfg.image_term == "counterfactual"
+            batch.images, batch.boxes, batch.spurious, batch.labels, paste=term == "counterfactual"
         )
         images = torch.cat([images, pairs.copies])
         if boxes is not None:
@@ -254,6 +256,14 @@ def mitigation_loss(
     return lam * loss_cl + (1 - lam) * aux, loss_cl, aux
 
 
+def resolved_image_term(method: str, image_term: str = "method") -> str:
+    """One of IMAGE_TERMS: ``image_term``, where "method" is the method's own (``counterfactual`` for ``ravl``, the
+    engine's default, measured in the README; ``none`` for the others, whose published losses have no such term)."""
+    if image_term != "method":
+        return image_term
+    return "counterfactual" if method == "ravl" else "none"
+
+
 def resolved_sampler(method: str, sampler: str = "method") -> str:
     """ "balanced" or "shuffle": ``sampler``, where "method" is the method's own (group-balanced for the BALANCED
     methods, else a plain shuffle)."""
@@ -285,7 +295,7 @@ def method_loss(
     methods without a class term.
     """
     gdro = GroupDRO(2 * n_classes + 2, cfg.gdro_step) if cfg.method == "vl-gdro" else None
-    with_regions = cfg.method == "ravl" or cfg.image_term != "none"
+    with_regions = cfg.method == "ravl" or resolved_image_term(cfg.method, cfg.image_term) != "none"
 
     def loss_fn(idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         boxes, flags = batch_boxes(ts, idx) if with_regions else (None, None)

@@ -287,7 +287,8 @@ def _one_step(method: str, rank: int, world: int):
     with torch.no_grad():
         class_emb = _class_embeddings(model, loaded.tokenizer([t.format(c) for c in range(3) for t in templates]), 3)
     make_optimizer(model, lr=1e-3, weight_decay=0.1, freeze_text=True)  # freezes the text tower
-    cfg = MitigateConfig(train="-", discovery="-", out="-", method=method)
+    # the paper's terms: the image term's pairs are built per rank (documented), so only these equal one process
+    cfg = MitigateConfig(train="-", discovery="-", out="-", method=method, image_term="none")
     towers = wrap_ddp(ClipWithRegions(model), "cpu")
     part = _slice(batch, rank * 8 // world, (rank + 1) * 8 // world)
     model.train()
@@ -346,6 +347,7 @@ def test_torchrun_runs_cluster_and_mitigate(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads(res.stdout)
     assert summary["world_size"] == 2 and summary["method"] == "ravl" and (tmp_path / "m.pt").exists()
+    assert summary["image_term"] == "counterfactual"  # ravl's default, each rank on its own pairs
     finetune = [*launch, "--master-port", str(free_port()), "-m", "ravl_engine.cli", "finetune", "--train", str(train)]
     finetune += ["--out", str(tmp_path / "f.pt"), "--epochs", "1", "--batch-size", "16", "--no-progress"]
     res = subprocess.run(finetune, capture_output=True, text=True, env=env, timeout=300)

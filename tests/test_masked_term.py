@@ -113,7 +113,7 @@ def test_the_step_adds_the_masked_term_to_ravls_region_terms():
     )
     with torch.no_grad():
         class_emb = class_embeddings(model, loaded.tokenizer([str(c) for c in range(3)]), 3)
-    base = MitigateConfig(train="-", discovery="-", out="-", method="ravl")
+    base = MitigateConfig(train="-", discovery="-", out="-", method="ravl", image_term="none")  # the paper's loss
     masked = MitigateConfig(train="-", discovery="-", out="-", method="ravl", image_term="masked")
     model.eval()  # fixed statistics: the extra copies in the pass change nothing else
     with torch.no_grad():
@@ -140,8 +140,13 @@ def test_the_step_adds_the_masked_term_to_ravls_region_terms():
         pairs_without = torch.cat([copy_emb, model.encode_image(batch.images[[1, 4]])])
         want2 = counterfactual_loss(logits(pairs_with), logits(pairs_without), labels[[0, 3, 1, 4]])
     assert float(aux2 - aux0) == pytest.approx(float(want2), rel=1e-4, abs=1e-5)
+    # ravl's default image term is the counterfactual one
+    default = MitigateConfig(train="-", discovery="-", out="-", method="ravl")
+    with torch.no_grad():
+        _, _, aux_default = mitigation_loss(model, batch, class_emb, default)
+    assert float(aux_default) == pytest.approx(float(aux2), rel=1e-5)
     # the same pairs on top of VL-ERM's image cross-entropy (the ablation without region terms)
-    erm = MitigateConfig(train="-", discovery="-", out="-", method="vl-erm")
+    erm = MitigateConfig(train="-", discovery="-", out="-", method="vl-erm")  # default: no term for the baselines
     erm_cf = MitigateConfig(train="-", discovery="-", out="-", method="vl-erm", image_term="counterfactual")
     with torch.no_grad():
         _, _, aux3 = mitigation_loss(model, batch, class_emb, erm)
@@ -150,10 +155,14 @@ def test_the_step_adds_the_masked_term_to_ravls_region_terms():
 
 
 def test_mitigate_with_the_masked_term_trains_and_reports_it(setting, tmp_path):  # noqa: F811
-    for method, term in (("ravl", "masked"), ("ravl", "counterfactual"), ("vl-erm", "counterfactual")):
+    for method, term, used in (
+        ("ravl", "masked", "masked"),
+        ("ravl", "method", "counterfactual"),  # the default
+        ("vl-erm", "counterfactual", "counterfactual"),
+    ):
         cfg = _cfg(setting, tmp_path, method=method, image_term=term, out=str(tmp_path / f"{method}-{term}.pt"))
         result = run_mitigate(cfg)
-        assert result.image_term == term and result.method == method and result.history[0]["aux"] > 0
+        assert result.image_term == used and result.method == method and result.history[0]["aux"] > 0
     with pytest.raises(ConfigError, match="--image-term masked needs a method with class embeddings"):
         _cfg(setting, tmp_path, method="upsampled", image_term="masked")
     with pytest.raises(ConfigError, match="--image-term must be one of"):
@@ -162,8 +171,7 @@ def test_mitigate_with_the_masked_term_trains_and_reports_it(setting, tmp_path):
     args = ["mitigate", "--train", str(train_set), "--discovery", str(discovery), "--epochs", "1", "--batch-size", "16"]
     res = CliRunner().invoke(
         main,
-        [*args, "--out", str(tmp_path / "cli.pt"), "--work-dir", str(root / "train-regions")]
-        + ["--image-term", "counterfactual"],
+        [*args, "--out", str(tmp_path / "cli.pt"), "--work-dir", str(root / "train-regions")],
     )
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["image_term"] == "counterfactual"
+    assert json.loads(res.stdout)["image_term"] == "counterfactual"  # ravl's default
