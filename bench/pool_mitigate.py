@@ -34,8 +34,13 @@ NAMES = {
 }
 
 
-def pool(paths: list[str]) -> tuple[list[str], dict[tuple, dict[str, dict]], dict[str, int]]:
-    """(methods in first-seen order, setting -> method -> line for complete valid settings, setting counts)."""
+def pool(
+    paths: list[str], only: list[str] | None = None
+) -> tuple[list[str], dict[tuple, dict[str, dict]], dict[str, int]]:
+    """(methods in first-seen order, setting -> method -> line for complete valid settings, setting counts).
+
+    ``only``: pool these arms alone (in that order), so settings that ran them but not some other arm still pair.
+    """
     lines = [json.loads(x) for p in paths for x in open(p, encoding="utf-8") if x.strip()]
     methods: list[str] = []
     by: dict[tuple, dict[str, dict]] = defaultdict(dict)
@@ -45,9 +50,14 @@ def pool(paths: list[str]) -> tuple[list[str], dict[tuple, dict[str, dict]], dic
         key += (line.get("cramers_v"), line.get("seed"))
         if line["bench"] == "mitigate-setting":
             validity[key] = bool(line["valid"])
-        if line["bench"] == "mitigate" and line["valid"]:
+        if line["bench"] == "mitigate" and line["valid"] and (only is None or line["method"] in only):
             methods += [] if line["method"] in methods else [line["method"]]
             by[key][line["method"]] = line
+    if only is not None:
+        missing = [m for m in only if m not in methods]
+        if missing:
+            raise SystemExit(f"--methods: no valid run of {', '.join(missing)} in these files")
+        methods = list(only)
     complete = {k: v for k, v in by.items() if all(m in v for m in methods)}
     counts = {"settings": len(validity), "valid": sum(validity.values()), "pairs": len(complete)}
     return methods, complete, counts
@@ -57,8 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+", help="raw JSON-lines files of bench_mitigate")
     parser.add_argument("--markdown", action="store_true", help="print the README table")
+    parser.add_argument("--methods", help="comma-separated arms to pool (default: every arm in the files)")
     args = parser.parse_args(argv)
-    methods, settings, counts = pool(args.files)
+    methods, settings, counts = pool(args.files, args.methods.split(",") if args.methods else None)
     rows = {m: [settings[k][m] for k in sorted(settings, key=str)] for m in methods}
     if args.markdown:
         print(f"{counts['pairs']} paired settings ({counts['valid']} valid of {counts['settings']})\n")

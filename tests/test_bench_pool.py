@@ -71,3 +71,17 @@ def test_a_second_ravl_arm_is_paired_with_the_baselines_and_the_first(tmp_path, 
     assert paired["ravl+masked", "ravl"]["mean"] == pytest.approx(0.2) and paired["ravl+masked", "ravl"]["n"] == 2
     main([str(path), "--markdown"])
     assert "| RaVL + masked image term | 90.0 ± 0.0 | 80.0 ± 14.1 |" in capsys.readouterr().out
+    # a third seed without the masked arm: it pairs only when the pool is restricted to the arms it ran
+    third = tmp_path / "c.jsonl"
+    third.write_text(
+        "".join(json.dumps(x) + "\n" for x in (_setting(3, 2), *(_line(3, 2, m, 0.3) for m in ("standard", "ravl"))))
+    )
+    assert pool([str(path), str(third)])[2]["pairs"] == 2
+    methods, settings, counts = pool([str(path), str(third)], ["ravl", "standard"])
+    assert (
+        methods == ["ravl", "standard"]
+        and counts["pairs"] == 3
+        and all(set(v) == {"ravl", "standard"} for v in settings.values())
+    )
+    with pytest.raises(SystemExit, match="no valid run of vl-erm"):
+        pool([str(path)], ["standard", "vl-erm"])
