@@ -164,7 +164,7 @@ class MitigateConfig:
             raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.image_term not in IMAGE_TERM_CHOICES:
             raise ConfigError(f"--image-term must be one of {', '.join(IMAGE_TERM_CHOICES)}, got {self.image_term!r}")
-        if self.image_term not in ("method", "none") and self.method not in WITH_CLASSES:
+        if resolved_image_term(self.method, self.image_term) != "none" and self.method not in WITH_CLASSES:
             raise ConfigError(
                 f"--image-term {self.image_term} needs a method with class embeddings ({', '.join(WITH_CLASSES)}), "
                 f"not {self.method!r}"
