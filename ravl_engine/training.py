@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ravl_engine.distributed import barrier, local_share, rank_world, sync_buffers
-from ravl_engine.kernels.roi import _batchnorm_running_stats, region_embed_train, tower_kind
+from ravl_engine.kernels.roi import _batchnorm_running_stats, crop_regions, region_embed_train, tower_kind
 from ravl_engine.shards import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -59,24 +59,11 @@ class ClipWithRegions(nn.Module):
         elif self.region_mode == "crop" and tower_kind(self.model.visual) == "resnet" and self.model.visual.training:
             # the crops first: the image pass then updates the running statistics, which the crops must not see
             with _batchnorm_running_stats(self.model.visual):
-                region_emb = _crop_regions(self.model.visual, images, boxes)
+                region_emb = crop_regions(self.model.visual, images, boxes)
             image_emb = self.model.visual(images)
         else:
             image_emb, region_emb = region_embed_train(self.model.visual, images, boxes, mode=self.region_mode)
         return image_emb, region_emb, self.model.encode_text(tokens)
-
-
-def _crop_regions(visual: Any, images: Tensor, boxes: Sequence[Tensor]) -> Tensor:
-    """The region half of :func:`ravl_engine.kernels.roi.crop_embed` (the same ``roi_align`` crop-and-resize)."""
-    from torchvision.ops import roi_align  # noqa: PLC0415
-
-    rois = [b.to(device=images.device, dtype=images.dtype) for b in boxes]
-    if sum(b.shape[0] for b in rois) == 0:
-        return visual(images[:0])
-    crops = roi_align(
-        images, rois, output_size=tuple(images.shape[-2:]), spatial_scale=1.0, sampling_ratio=-1, aligned=True
-    )
-    return visual(crops)
 
 
 def shuffle_sampler(train_idx: Tensor, generator: torch.Generator) -> Tensor:

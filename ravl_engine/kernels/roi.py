@@ -277,12 +277,14 @@ def vit_roi_mean_embed(visual: Any, images: Tensor, boxes: Sequence[Tensor]) -> 
 # ------------------------------------------------------------------------------------------------ any tower
 
 
-def crop_embed(visual: Any, images: Tensor, boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Crop every box, resize it to the input size (one batched ``roi_align``) and encode it like an image."""
-    _check_boxes(images, boxes)
-    image_emb = visual(images)
+def crop_regions(visual: Any, images: Tensor, boxes: Sequence[Tensor]) -> Tensor:
+    """Crop every box, resize it to the input size (one batched ``roi_align``) and encode it like an image.
+
+    Returns:
+        [sum K_i, D], not normalised; [0, D] when there are no boxes.
+    """
     if sum(b.shape[0] for b in boxes) == 0:
-        return image_emb, image_emb.new_zeros(0, image_emb.shape[1])
+        return visual(images[:0])
     crops = roi_align(
         images,
         _as_rois(boxes, images),
@@ -291,7 +293,16 @@ def crop_embed(visual: Any, images: Tensor, boxes: Sequence[Tensor]) -> tuple[Te
         sampling_ratio=-1,
         aligned=True,
     )
-    return image_emb, visual(crops)
+    return visual(crops)
+
+
+def crop_embed(visual: Any, images: Tensor, boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """The images and :func:`crop_regions` of their boxes."""
+    _check_boxes(images, boxes)
+    image_emb = visual(images)
+    if sum(b.shape[0] for b in boxes) == 0:
+        return image_emb, image_emb.new_zeros(0, image_emb.shape[1])
+    return image_emb, crop_regions(visual, images, boxes)
 
 
 @contextmanager
