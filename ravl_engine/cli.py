@@ -105,6 +105,19 @@ def _process_group_and_bar(device: str, *, progress: bool, **bar: Any) -> Iterat
         yield pbar, rank, world
 
 
+def _train_epochs(cfg: Any, run: Callable[..., Any], *, desc: str, progress: bool) -> None:
+    """Run ``finetune`` or ``mitigate`` (under torchrun: DistributedDataParallel over the ranks) with an epoch bar;
+    rank 0 prints the summary."""
+    with _process_group_and_bar(cfg.device, progress=progress, total=cfg.epochs, desc=desc, unit="epoch") as (
+        bar,
+        rank,
+        world,
+    ):
+        result = run(cfg, on_epoch=lambda _e: bar.update(1))
+    if rank == 0:
+        _emit({**result.to_dict(), "world_size": world})
+
+
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", "-V", prog_name="ravl-engine")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
@@ -616,16 +629,7 @@ def finetune_cmd(progress: bool, **opts: Any) -> None:
 
     from ravl_engine.finetune import FinetuneConfig, run_finetune  # noqa: PLC0415
 
-    cfg = FinetuneConfig(**opts)
-    # under torchrun: DistributedDataParallel over the ranks
-    with _process_group_and_bar(cfg.device, progress=progress, total=cfg.epochs, desc="finetune", unit="epoch") as (
-        bar,
-        rank,
-        world,
-    ):
-        result = run_finetune(cfg, on_epoch=lambda _e: bar.update(1))
-    if rank == 0:
-        _emit({**result.to_dict(), "world_size": world})
+    _train_epochs(FinetuneConfig(**opts), run_finetune, desc="finetune", progress=progress)
 
 
 def _mitigate_options() -> list[click.Parameter]:
@@ -706,15 +710,7 @@ def mitigate_cmd(progress: bool, **opts: Any) -> None:
     from ravl_engine.mitigate import MitigateConfig, run_mitigate  # noqa: PLC0415
 
     cfg = MitigateConfig(**opts)
-    # under torchrun: DistributedDataParallel over the ranks
-    with _process_group_and_bar(cfg.device, progress=progress, total=cfg.epochs, desc=cfg.method, unit="epoch") as (
-        bar,
-        rank,
-        world,
-    ):
-        result = run_mitigate(cfg, on_epoch=lambda _e: bar.update(1))
-    if rank == 0:
-        _emit({**result.to_dict(), "world_size": world})
+    _train_epochs(cfg, run_mitigate, desc=cfg.method, progress=progress)
 
 
 def _evaluate_options() -> list[click.Parameter]:
